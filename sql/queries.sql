@@ -1,0 +1,85 @@
+-- Named queries of the Postgres store. Each starts with a "-- name: <name>" line.
+-- {schema} is replaced by the quoted SEQUIN_DB_SCHEMA; %(x)s are bound parameters.
+
+-- name: create_stage
+-- Per-connection staging table: COPY lands here, one INSERT ... SELECT applies it.
+-- ON COMMIT DELETE ROWS empties it at every commit, so a batch never sees another's rows.
+CREATE TEMP TABLE IF NOT EXISTS sequin_stage (
+    collection_id       text        NOT NULL,
+    upstream_id         text        NOT NULL,
+    sync_id             uuid,
+    upstream_updated_at timestamptz NOT NULL,
+    created_at          timestamptz,
+    deleted             boolean     NOT NULL,
+    data                jsonb
+) ON COMMIT DELETE ROWS
+
+-- name: copy_stage
+COPY sequin_stage (collection_id, upstream_id, sync_id, upstream_updated_at, created_at, deleted, data)
+FROM STDIN
+
+-- name: upsert_rows
+-- The guard: a row changes only when the incoming version is as new or newer. Equal
+-- timestamps let the later batch win, which is stream order. In hard mode deletes are not
+-- inserted here (apply_hard_deletes removes them instead).
+WITH changed AS (
+    INSERT INTO {schema}.records AS r
+        (collection_id, upstream_id, sync_id, data, deleted, upstream_updated_at, created_at, synced_at)
+    SELECT collection_id, upstream_id, sync_id, data, deleted, upstream_updated_at, created_at, now()
+    FROM sequin_stage
+    WHERE %(include_deletes)s OR NOT deleted
+    ON CONFLICT (collection_id, upstream_id) DO UPDATE SET
+        sync_id = EXCLUDED.sync_id,
+        data = EXCLUDED.data,
+        deleted = EXCLUDED.deleted,
+        upstream_updated_at = EXCLUDED.upstream_updated_at,
+        created_at = EXCLUDED.created_at,
+        synced_at = EXCLUDED.synced_at
+    WHERE r.upstream_updated_at <= EXCLUDED.upstream_updated_at
+    RETURNING r.collection_id, r.deleted
+)
+SELECT collection_id, deleted, count(*) FROM changed GROUP BY collection_id, deleted
+
+-- name: apply_hard_deletes
+WITH gone AS (
+    DELETE FROM {schema}.records AS r
+    USING sequin_stage AS s
+    WHERE s.deleted
+      AND r.collection_id = s.collection_id
+      AND r.upstream_id = s.upstream_id
+      AND r.upstream_updated_at <= s.upstream_updated_at
+    RETURNING r.collection_id
+)
+SELECT collection_id, true, count(*) FROM gone GROUP BY collection_id
+
+-- name: advance_cursor
+-- First statement of every batch: it takes the consumer row's lock and only succeeds if the
+-- cursor is still the one this process started from (a fencing check). A second writer of
+-- the same consumer therefore waits here, then updates nothing and rolls back.
+UPDATE {schema}.cursors SET
+    cursor = %(cursor)s,
+    updated_at = now(),
+    records_applied = records_applied + %(records)s,
+    pages_applied = pages_applied + %(pages)s,
+    dead_letters = dead_letters + %(dead_letters)s,
+    last_upstream_updated_at = GREATEST(last_upstream_updated_at, %(newest)s)
+WHERE consumer = %(consumer)s AND cursor IS NOT DISTINCT FROM %(expected)s
+
+-- name: insert_dead_letter
+INSERT INTO {schema}.dead_letters (consumer, after_cursor, collection_id, upstream_id, reason, raw)
+VALUES (%(consumer)s, %(after_cursor)s, %(collection_id)s, %(upstream_id)s, %(reason)s, %(raw)s)
+
+-- name: ensure_consumer
+INSERT INTO {schema}.cursors (consumer, sync_id, provider, collection, delete_mode)
+VALUES (%(consumer)s, %(sync_id)s, %(provider)s, %(collection)s, %(delete_mode)s)
+ON CONFLICT (consumer) DO NOTHING
+
+-- name: get_consumer
+SELECT consumer, cursor, sync_id, provider, collection, delete_mode
+FROM {schema}.cursors WHERE consumer = %(consumer)s
+
+-- name: set_delete_mode
+UPDATE {schema}.cursors SET delete_mode = %(delete_mode)s WHERE consumer = %(consumer)s
+
+-- name: reset_consumer
+DELETE FROM {schema}.cursors WHERE consumer = %(consumer)s

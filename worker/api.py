@@ -1,0 +1,326 @@
+"""The Sequin records API client: the only module that speaks HTTP to Sequin.
+
+:meth:`SequinClient.fetch_page` returns one decoded page or raises:
+
+* :class:`TokenRejected`: 401/403. Retrying cannot help; the operator must fix the token.
+* :class:`RequestRejected`: any other 4xx (e.g. a cursor the API does not accept), with the
+  server's own message.
+* :class:`ApiUnavailable`: the retry budget (``max_retries`` consecutive failures) ran out on
+  transient failures.
+
+Transient failures are retried with exponential backoff and full jitter: connection errors,
+timeouts, 429 (waiting at least ``Retry-After``), 500/502/503/504, and bodies that are not
+JSON or not the documented ``{"records": [...], "cursor": "..."}`` shape. Each retry is
+logged as ``api_retry`` with its reason.
+
+The token is sent only in the ``Authorization`` header, never logged, never part of an
+exception message, and never sent over plain ``http://`` to a non-loopback host. Redirects
+are not followed (they could carry the header elsewhere).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+import requests
+import structlog
+import tenacity
+
+from worker.config import is_loopback_host
+
+log = structlog.get_logger("worker.api")
+
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+MAX_RETRY_AFTER = 900.0  # a server asking for more than 15 min is clamped (and logged)
+
+
+class ApiError(Exception):
+    """Base of the client's errors."""
+
+
+class TokenRejected(ApiError):
+    """401/403: the API does not accept the token."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(
+            f"the Sequin API rejected the token (HTTP {status}: {message}). Check SEQUIN_API_TOKEN."
+        )
+        self.status = status
+
+
+class RequestRejected(ApiError):
+    """A 4xx other than 401/403/429: the request itself is wrong."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"the Sequin API refused the request (HTTP {status}): {message}")
+        self.status = status
+
+
+class ApiUnavailable(ApiError):
+    """Transient failures outlasted the retry budget."""
+
+
+class Stopped(ApiError):
+    """The caller asked to stop while the client was waiting to retry."""
+
+
+class _Retryable(Exception):
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+@dataclass(slots=True)
+class Page:
+    """One decoded response: the raw records (stream order) and the next cursor."""
+
+    after_cursor: str | None
+    records: list[Any]
+    cursor: str
+    limit: int
+
+    @property
+    def is_full(self) -> bool:
+        """A full page means more may be waiting: fetch again at once."""
+        return len(self.records) >= self.limit
+
+
+def decode_page(body: bytes) -> tuple[list[Any], str]:
+    """Decode a response body into (records, cursor); raise ``ValueError`` if malformed.
+
+    orjson is the fast path; it refuses lone surrogate escapes and integers beyond 64 bits,
+    which are valid JSON that the stdlib decoder accepts (the records module then decides).
+    """
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        try:
+            doc = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ValueError(f"body is not JSON ({_short(exc)})") from None
+    if not isinstance(doc, dict):
+        raise ValueError("body is not a JSON object")
+    records, cursor = doc.get("records"), doc.get("cursor")
+    if not isinstance(records, list):
+        raise ValueError("body has no 'records' array")
+    if not isinstance(cursor, str) or not cursor:
+        raise ValueError("body has no 'cursor' string")
+    return records, cursor
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP-date)."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    now = time.time() if now is None else now
+    return max(0.0, when.timestamp() - now)
+
+
+def server_message(resp: requests.Response) -> str:
+    """The error message a server put in its body, in any of the usual shapes."""
+    try:
+        doc = resp.json()
+    except ValueError:
+        text = resp.text.strip()
+        return _short(text) if text else resp.reason or "no message"
+    if isinstance(doc, dict):
+        err = doc.get("error")
+        if isinstance(err, dict) and isinstance(err.get("message"), str):
+            return _short(err["message"])
+        for key in ("message", "summary", "detail"):
+            if isinstance(doc.get(key), str):
+                return _short(doc[key])
+        if isinstance(err, str):
+            return _short(err)
+    return _short(json.dumps(doc))
+
+
+def _short(value: object, limit: int = 300) -> str:
+    text = " ".join(str(value).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class SequinClient:
+    """Fetches pages of ``GET {base_url}/v1/records`` for fixed filters.
+
+    Thread-safe for one caller at a time (the prefetch thread). ``stop`` is an optional event:
+    when set, waits between retries end early with :class:`Stopped`.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        token: str,
+        *,
+        filters: dict[str, str | None] | None = None,
+        page_size: int = 500,
+        connect_timeout: float = 10.0,
+        read_timeout: float = 60.0,
+        max_retries: int = 20,
+        allow_insecure_http: bool = False,
+        stop: threading.Event | None = None,
+        on_request: Callable[[int | str, float], None] | None = None,
+        on_retry: Callable[[str], None] | None = None,
+    ) -> None:
+        parts = urlsplit(base_url)
+        if parts.scheme == "http" and not is_loopback_host(parts.hostname):
+            if not allow_insecure_http:
+                raise ValueError(
+                    "refusing to send the API token over plain http:// to a non-loopback host"
+                )
+        elif parts.scheme not in ("http", "https"):
+            raise ValueError("base URL must be http(s)")
+        self.url = base_url.rstrip("/") + "/v1/records"
+        self._params = {k: v for k, v in (filters or {}).items() if v is not None}
+        self.page_size = page_size
+        self._timeout = (connect_timeout, read_timeout)
+        self._max_retries = max_retries
+        self._stop = stop or threading.Event()
+        self._on_request = on_request
+        self._on_retry = on_retry
+        self._session = requests.Session()
+        self._session.headers.update(
+            {
+                "Authorization": f"Bearer {token}",
+                "Accept": "application/json",
+                "User-Agent": "sequin-worker/0.1",
+            }
+        )
+        # Requests would fall back to ~/.netrc credentials when none were given; ours are.
+        self._session.trust_env = False
+
+    def close(self) -> None:
+        self._session.close()
+
+    def fetch_page(self, after_cursor: str | None) -> Page:
+        """Fetch the page after ``after_cursor`` (``None``: the start of the stream)."""
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(_Retryable),
+            stop=tenacity.stop_after_attempt(self._max_retries + 1),
+            wait=self._wait,
+            sleep=self._sleep,
+            before_sleep=self._log_retry,
+            reraise=True,
+        )
+        try:
+            return retrying(self._fetch_once, after_cursor)
+        except _Retryable as exc:
+            raise ApiUnavailable(
+                f"the Sequin API kept failing ({self._max_retries + 1} attempts); "
+                f"last error: {exc.reason}"
+            ) from None
+
+    def _fetch_once(self, after_cursor: str | None) -> Page:
+        params: dict[str, str | int] = {**self._params, "limit": self.page_size}
+        if after_cursor is not None:
+            params["after_cursor"] = after_cursor
+        started = time.perf_counter()
+        try:
+            resp = self._session.get(
+                self.url, params=params, timeout=self._timeout, allow_redirects=False
+            )
+            body = resp.content  # read inside the try: a truncated body raises here
+        except requests.Timeout:
+            self._observe("timeout", started)
+            raise _Retryable("timeout") from None
+        except requests.ConnectionError as exc:
+            self._observe("connection_error", started)
+            raise _Retryable(f"connection error: {_connection_reason(exc)}") from None
+        except requests.RequestException as exc:
+            self._observe("error", started)
+            raise _Retryable(f"request failed: {type(exc).__name__}") from None
+        status = resp.status_code
+        self._observe(status, started)
+        if status == 200:
+            try:
+                records, cursor = decode_page(body)
+            except ValueError as exc:
+                raise _Retryable(f"bad body: {exc}") from None
+            return Page(
+                after_cursor=after_cursor, records=records, cursor=cursor, limit=self.page_size
+            )
+        if status in (401, 403):
+            raise TokenRejected(status, server_message(resp))
+        if status in RETRY_STATUSES:
+            retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+            raise _Retryable(f"HTTP {status}", retry_after=retry_after)
+        if 300 <= status < 400:
+            raise RequestRejected(
+                status, f"unexpected redirect to {resp.headers.get('Location', '?')}"
+            )
+        if 400 <= status < 500:
+            raise RequestRejected(status, server_message(resp))
+        raise _Retryable(f"HTTP {status}")
+
+    def _observe(self, status: int | str, started: float) -> None:
+        if self._on_request is not None:
+            self._on_request(status, time.perf_counter() - started)
+
+    def _wait(self, state: tenacity.RetryCallState) -> float:
+        # Full jitter on an exponential ceiling (0.5 s doubling to 30 s), but never less than
+        # what the server asked for with Retry-After.
+        ceiling = min(30.0, 0.5 * 2 ** (state.attempt_number - 1))
+        delay = random.uniform(ceiling / 2, ceiling)
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, _Retryable) and exc.retry_after is not None:
+            asked = exc.retry_after
+            if asked > MAX_RETRY_AFTER:
+                log.warning("retry_after_clamped", asked=asked, waiting=MAX_RETRY_AFTER)
+                asked = MAX_RETRY_AFTER
+            # A small margin: the server measures from when it sent the response.
+            delay = max(delay, asked + 0.05)
+        return delay
+
+    def _sleep(self, seconds: float) -> None:
+        if self._stop.wait(seconds):
+            raise Stopped("stopping")
+
+    def _log_retry(self, state: tenacity.RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        reason = exc.reason if isinstance(exc, _Retryable) else repr(exc)
+        wait = state.next_action.sleep if state.next_action else 0.0
+        log.warning(
+            "api_retry",
+            reason=reason,
+            attempt=state.attempt_number,
+            wait_s=round(wait, 3),
+        )
+        if self._on_retry is not None:
+            self._on_retry(reason.split(":", 1)[0])
+
+
+def _connection_reason(exc: requests.ConnectionError) -> str:
+    # The text of urllib3's errors names host and port, never headers; keep it short.
+    text = str(exc)
+    for marker in (
+        "Connection refused",
+        "Connection reset",
+        "Connection aborted",
+        "RemoteDisconnected",
+        "IncompleteRead",
+        "Name or service not known",
+        "timed out",
+        "ProtocolError",
+    ):
+        if marker in text:
+            return marker
+    return _short(type(exc).__name__)

@@ -1,0 +1,265 @@
+"""The ``sequin-worker`` command line.
+
+Exit codes (also in the README):
+
+==  ===========================================================================
+0   success; or stopped by SIGTERM/SIGINT after finishing the batch in flight
+1   unexpected internal error (a bug: the traceback is logged)
+2   configuration error: a bad or missing setting, or a consumer whose stored filters
+    differ from the configured ones
+3   the API rejected the token (401/403)
+4   the API rejected a request (another 4xx, e.g. an invalid cursor), or answered in a
+    way that breaks the pagination contract
+5   the API stayed unavailable through the retry budget (SEQUIN_MAX_RETRIES)
+6   the database stayed unreachable through the retry budget, or a migration failed
+7   ``backfill --no-wait``: another process is syncing this consumer
+==  ===========================================================================
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from types import FrameType
+from typing import NoReturn
+
+import psycopg
+import structlog
+
+from worker import logs
+from worker.api import ApiUnavailable, RequestRejected, Stopped, TokenRejected
+from worker.config import ConfigError, Settings, load_settings
+from worker.store import ConsumerMismatch, StoreUnavailable
+from worker.sync import DatabaseUnavailable, ProtocolViolation, Totals
+
+log = structlog.get_logger("worker.cli")
+
+EXIT_OK = 0
+EXIT_BUG = 1
+EXIT_CONFIG = 2
+EXIT_TOKEN = 3
+EXIT_REJECTED = 4
+EXIT_API_DOWN = 5
+EXIT_DB = 6
+EXIT_BUSY = 7
+
+
+class Exit(Exception):
+    """Leave with ``code`` after printing ``message`` on stderr (no traceback)."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def install_signal_handlers(stop: threading.Event) -> None:
+    """SIGTERM/SIGINT ask the loop to stop after the batch in flight; a second one forces."""
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        if stop.is_set():
+            os._exit(128 + signum)
+        log.info("shutdown_requested", signal=signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def _settings(require: tuple[str, ...]) -> Settings:
+    settings = load_settings(require=require)
+    secrets = [settings.api_token.get_secret_value()] if settings.api_token else []
+    if settings.database_url is not None:
+        secrets.append(_db_password(settings.database_url.get_secret_value()))
+    logs.configure(settings.log_level, settings.log_format, secrets=[s for s in secrets if s])
+    return settings
+
+
+def _db_password(dsn: str) -> str:
+    try:
+        return psycopg.conninfo.conninfo_to_dict(dsn).get("password") or ""  # type: ignore[return-value]
+    except psycopg.ProgrammingError:
+        return ""
+
+
+def summary_line(totals: Totals) -> str:
+    return (
+        f"backfill complete: {totals.received} records in {totals.seconds:.1f} s "
+        f"({totals.rate():.0f} records/s): {totals.upserted} upserted, {totals.deleted} deleted, "
+        f"{totals.skipped} unchanged, {totals.dead_lettered} dead-lettered"
+    )
+
+
+def cmd_sync(args: argparse.Namespace, mode: str) -> int:
+    from worker.service import ConsumerBusy, run_consumer
+
+    settings = _settings(("api_token", "database_url"))
+    stop = threading.Event()
+    install_signal_handlers(stop)
+    log.info(
+        "worker_started",
+        mode=mode,
+        consumer=settings.consumer,
+        schema=settings.db_schema,
+        base_url=settings.base_url,
+        filters={k: v for k, v in settings.filters.items() if v},
+        delete_mode=settings.delete_mode,
+    )
+    http = None
+    if mode == "run" and settings.http_port:
+        http = _start_http(settings)
+    try:
+        outcome = run_consumer(
+            settings,
+            "backfill" if mode == "backfill" else "run",
+            stop,
+            wait_for_lock=not getattr(args, "no_wait", False),
+        )
+    except ConsumerBusy as exc:
+        raise Exit(EXIT_BUSY, str(exc)) from None
+    finally:
+        if http is not None:
+            http()
+    if mode == "backfill":
+        if outcome.caught_up:
+            print(summary_line(outcome.totals), flush=True)
+        else:
+            print(
+                summary_line(outcome.totals).replace("complete", "interrupted"),
+                flush=True,
+            )
+    log.info("worker_stopped", mode=mode)
+    return EXIT_OK
+
+
+def _start_http(settings: Settings) -> Callable[[], None] | None:
+    """The ops HTTP server arrives with the metrics issue; nothing to serve yet."""
+    return None
+
+
+def cmd_migrate(_args: argparse.Namespace) -> int:
+    from worker.migrations import migrate
+    from worker.store import connect
+
+    settings = _settings(("database_url",))
+    assert settings.database_url is not None
+    with connect(settings.database_url.get_secret_value(), autocommit=True) as conn:
+        applied = migrate(conn, settings.db_schema)
+    print(
+        f"schema {settings.db_schema}: applied {applied}"
+        if applied
+        else f"schema {settings.db_schema}: up to date"
+    )
+    return EXIT_OK
+
+
+def cmd_reset(args: argparse.Namespace) -> int:
+    from worker.store import reset_consumer
+
+    settings = _settings(("database_url",))
+    assert settings.database_url is not None
+    name = args.consumer or settings.consumer
+    if not args.yes:
+        raise Exit(
+            EXIT_CONFIG,
+            f"this deletes the cursor of consumer {name!r}: its next run starts from the "
+            "beginning of the stream. Repeat with --yes to do it.",
+        )
+    found = reset_consumer(settings.database_url.get_secret_value(), settings.db_schema, name)
+    print(f"consumer {name!r}: " + ("cursor deleted" if found else "no such consumer"))
+    return EXIT_OK
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from worker import simulator
+
+    return simulator.main(list(args.rest))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from worker.demo import main as demo_main
+
+    return demo_main(records=args.records)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sequin-worker",
+        description="Keep a Postgres table exactly in step with Sequin's records stream.",
+        epilog="Settings come from the environment (or .env); see .env.example.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("run", help="sync forever (the container's default command)")
+    p = sub.add_parser("backfill", help="sync until caught up, print a summary, exit 0")
+    p.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="exit 7 instead of waiting when another process is syncing this consumer",
+    )
+    sub.add_parser("migrate", help="apply pending migrations and exit")
+    p = sub.add_parser("reset", help="delete a consumer's cursor so that it starts over")
+    p.add_argument("--consumer", help="consumer name (default: SEQUIN_CONSUMER)")
+    p.add_argument("--yes", action="store_true", help="really do it")
+    p = sub.add_parser(
+        "simulate",
+        help="serve a local fake of GET /v1/records (see `simulate --help`)",
+        add_help=False,
+    )
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p = sub.add_parser("demo", help="backfill a simulated account into a throwaway Postgres")
+    p.add_argument("--records", type=int, default=20000, help="records to simulate")
+    return parser
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "run": lambda a: cmd_sync(a, "run"),
+    "backfill": lambda a: cmd_sync(a, "backfill"),
+    "migrate": cmd_migrate,
+    "reset": cmd_reset,
+    "simulate": cmd_simulate,
+    "demo": cmd_demo,
+}
+
+
+def _fail(code: int, message: str) -> NoReturn:
+    print(f"sequin-worker: {logs.redact(message)}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except Exit as exc:
+        _fail(exc.code, exc.message)
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(f"sequin-worker: config: {line}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
+    except ConsumerMismatch as exc:
+        _fail(EXIT_CONFIG, str(exc))
+    except TokenRejected as exc:
+        _fail(EXIT_TOKEN, str(exc))
+    except (RequestRejected, ProtocolViolation) as exc:
+        _fail(EXIT_REJECTED, str(exc))
+    except ApiUnavailable as exc:
+        _fail(EXIT_API_DOWN, str(exc))
+    except (DatabaseUnavailable, StoreUnavailable) as exc:
+        _fail(EXIT_DB, f"database: {exc}")
+    except psycopg.Error as exc:
+        _fail(EXIT_DB, f"database error: {str(exc).strip().splitlines()[0]}")
+    except Stopped:
+        return EXIT_OK
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except Exception:
+        log.exception("internal_error")
+        _fail(EXIT_BUG, "internal error (a bug; the log above has the traceback)")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

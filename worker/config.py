@@ -1,0 +1,196 @@
+"""Settings: the single source of every knob the worker has.
+
+Values come from the environment first, then from a ``.env`` file in the working directory.
+:func:`load_settings` turns every validation failure into one :class:`ConfigError` whose
+lines each name the variable and what is wrong, so the CLI can print them and exit 2
+without a traceback.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+
+
+class ConfigError(Exception):
+    """The configuration is unusable. ``problems`` holds one line per variable."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def is_loopback_host(host: str | None) -> bool:
+    """True for ``localhost`` and any loopback address (127.0.0.0/8, ::1)."""
+    if not host:
+        return False
+    if host.lower() == "localhost" or host.lower().endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _env(name: str) -> AliasChoices:
+    return AliasChoices(name)
+
+
+class Settings(BaseSettings):
+    """Every setting of the worker. The environment variable of each field is its alias."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        populate_by_name=False,
+        case_sensitive=True,
+    )
+
+    api_token: SecretStr | None = Field(None, validation_alias=_env("SEQUIN_API_TOKEN"))
+    base_url: str = Field("https://api.sequin.io", validation_alias=_env("SEQUIN_BASE_URL"))
+    allow_insecure_http: bool = Field(False, validation_alias=_env("SEQUIN_ALLOW_INSECURE_HTTP"))
+    database_url: SecretStr | None = Field(None, validation_alias=_env("DATABASE_URL"))
+    consumer: str = Field("default", validation_alias=_env("SEQUIN_CONSUMER"))
+    sync_id: str | None = Field(None, validation_alias=_env("SEQUIN_SYNC_ID"))
+    provider: str | None = Field(None, validation_alias=_env("SEQUIN_PROVIDER"))
+    collection: str | None = Field(None, validation_alias=_env("SEQUIN_COLLECTION"))
+    page_size: int = Field(500, ge=1, le=500, validation_alias=_env("SEQUIN_PAGE_SIZE"))
+    poll_interval: float = Field(1.0, gt=0, le=3600, validation_alias=_env("SEQUIN_POLL_INTERVAL"))
+    delete_mode: Literal["soft", "hard"] = Field(
+        "soft", validation_alias=_env("SEQUIN_DELETE_MODE")
+    )
+    db_schema: str = Field("sequin", validation_alias=_env("SEQUIN_DB_SCHEMA"))
+    log_format: Literal["auto", "json", "console"] = Field(
+        "auto", validation_alias=_env("SEQUIN_LOG_FORMAT")
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", validation_alias=_env("SEQUIN_LOG_LEVEL")
+    )
+    connect_timeout: float = Field(10.0, gt=0, validation_alias=_env("SEQUIN_CONNECT_TIMEOUT"))
+    read_timeout: float = Field(60.0, gt=0, validation_alias=_env("SEQUIN_READ_TIMEOUT"))
+    max_retries: int = Field(20, ge=0, validation_alias=_env("SEQUIN_MAX_RETRIES"))
+    batch_max_records: int = Field(
+        5000, ge=1, le=1_000_000, validation_alias=_env("SEQUIN_BATCH_MAX_RECORDS")
+    )
+    prefetch_pages: int = Field(4, ge=1, le=64, validation_alias=_env("SEQUIN_PREFETCH_PAGES"))
+    lock_retry_interval: float = Field(
+        3.0, gt=0, le=300, validation_alias=_env("SEQUIN_LOCK_RETRY_INTERVAL")
+    )
+    http_port: int = Field(9090, ge=0, le=65535, validation_alias=_env("SEQUIN_HTTP_PORT"))
+    http_host: str = Field("0.0.0.0", validation_alias=_env("SEQUIN_HTTP_HOST"))  # noqa: S104
+    heartbeat_timeout: float = Field(120.0, gt=0, validation_alias=_env("SEQUIN_HEARTBEAT_TIMEOUT"))
+    notify: bool = Field(False, validation_alias=_env("SEQUIN_NOTIFY"))
+
+    @field_validator("sync_id", "provider", "collection", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, v: object) -> object:
+        # `SEQUIN_PROVIDER=` in a .env file means "no filter", not "the empty provider".
+        if isinstance(v, str) and not v.strip():
+            return None
+        return v
+
+    @field_validator("db_schema")
+    @classmethod
+    def _schema_name(cls, v: str) -> str:
+        # Quoted with sql.Identifier everywhere anyway; this keeps names operators can type.
+        if not _IDENT.match(v):
+            raise ValueError("must be a plain identifier: letters, digits, _ (max 63)")
+        return v
+
+    @field_validator("consumer")
+    @classmethod
+    def _consumer_name(cls, v: str) -> str:
+        if not v or len(v) > 200 or not v.isprintable():
+            raise ValueError("must be 1-200 printable characters")
+        return v
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http(s) URL such as https://api.sequin.io")
+        return v.rstrip("/")
+
+    @model_validator(mode="after")
+    def _token_transport(self) -> Settings:
+        parts = urlsplit(self.base_url)
+        if (
+            parts.scheme == "http"
+            and not is_loopback_host(parts.hostname)
+            and not self.allow_insecure_http
+        ):
+            raise ValueError(
+                "SEQUIN_BASE_URL: plain http:// to a non-loopback host would expose the API "
+                "token; use https:// (or SEQUIN_ALLOW_INSECURE_HTTP=true on a private network)"
+            )
+        return self
+
+    @property
+    def filters(self) -> dict[str, str | None]:
+        """The API filters this consumer streams with (part of the consumer's identity)."""
+        return {"sync_id": self.sync_id, "provider": self.provider, "collection": self.collection}
+
+    @property
+    def records_url(self) -> str:
+        return f"{self.base_url}/v1/records"
+
+
+_FIELD_ENV = {
+    name: str(field.validation_alias.choices[0])  # type: ignore[union-attr]
+    for name, field in Settings.model_fields.items()
+}
+
+
+def env_name(field: str) -> str:
+    """The environment variable behind a settings field."""
+    return _FIELD_ENV.get(field, field)
+
+
+def load_settings(*, require: tuple[str, ...] = ()) -> Settings:
+    """Read and validate the settings.
+
+    ``require`` names fields (e.g. ``"api_token"``, ``"database_url"``) that this command
+    cannot do without. Raises :class:`ConfigError` listing every problem at once.
+    """
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = err.get("loc") or ()
+            field = str(loc[0]) if loc else ""
+            msg = str(err.get("msg", "invalid"))
+            msg = msg.removeprefix("Value error, ")
+            if field:
+                problems.append(f"{env_name(field)}: {msg}")
+            else:
+                problems.append(msg)
+        raise ConfigError(problems) from None
+    missing = [
+        f"{env_name(f)}: required but not set"
+        for f in require
+        if getattr(settings, f) is None or str(_reveal(getattr(settings, f))).strip() == ""
+    ]
+    if missing:
+        raise ConfigError(missing)
+    return settings
+
+
+def _reveal(v: object) -> object:
+    return v.get_secret_value() if isinstance(v, SecretStr) else v

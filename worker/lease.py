@@ -1,0 +1,158 @@
+"""Leadership of a consumer: a session-level advisory lock on a dedicated connection.
+
+Contract: at most one process holds a consumer's lock at a time; the holder is the leader
+and is the only one that applies batches. Others wait as hot standbys, retrying every
+``retry_interval`` seconds. A leader that dies releases the lock with its connection (at
+once when the process exits; within about ``idle_session_timeout`` when it is partitioned
+away or frozen, because it stops pinging and the server ends its session).
+
+Failure mode: when the lock connection fails, :attr:`Lease.lost` is set within
+``ping_interval`` seconds and the leader must stop writing at once. The window between
+the loss and the leader noticing is covered by the store's cursor fence (a batch commits
+only if the cursor is still where this process left it), so even then nothing is applied
+twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable
+
+import psycopg
+import structlog
+
+from worker.store import Conn, StoreUnavailable, connect
+
+log = structlog.get_logger("worker.lease")
+
+# The server ends a lock session that has said nothing for this long, releasing the lock
+# of a leader that is partitioned away or frozen; the ping keeps a live one talking.
+IDLE_SESSION_TIMEOUT_MS = 15000
+
+
+class Lease:
+    """Advisory-lock leadership for one consumer. Use from one thread (plus its watchdog)."""
+
+    def __init__(
+        self,
+        dsn: str,
+        key: int,
+        *,
+        name: str,
+        retry_interval: float = 3.0,
+        ping_interval: float = 2.0,
+    ) -> None:
+        self._dsn = dsn
+        self.key = key
+        self.name = name
+        self.retry_interval = retry_interval
+        self.ping_interval = ping_interval
+        self.lost = threading.Event()
+        self._conn: Conn | None = None
+        self._watchdog: threading.Thread | None = None
+        self._released = threading.Event()
+        self.is_leader = False
+
+    def _connect(self) -> Conn:
+        # Server-side keepalives and an idle timeout make the server notice a dead leader.
+        conn = connect(
+            self._dsn, autocommit=True, application_name=f"sequin-worker-lock:{self.name}"
+        )
+        try:
+            conn.execute(
+                "SELECT set_config('idle_session_timeout', %s, false),"
+                " set_config('tcp_keepalives_idle', '5', false),"
+                " set_config('tcp_keepalives_interval', '2', false),"
+                " set_config('tcp_keepalives_count', '3', false)",
+                (str(IDLE_SESSION_TIMEOUT_MS),),
+            )
+        except psycopg.Error:
+            conn.close()
+            raise
+        return conn
+
+    def try_acquire(self) -> bool:
+        """One attempt. Raises :class:`StoreUnavailable` if the database cannot be reached."""
+        try:
+            if self._conn is None or self._conn.closed:
+                self._conn = self._connect()
+            row = self._conn.execute("SELECT pg_try_advisory_lock(%s)", (self.key,)).fetchone()
+        except psycopg.OperationalError as exc:
+            self._drop()
+            raise StoreUnavailable(str(exc).splitlines()[0] if str(exc) else "lost") from None
+        if not row or not row[0]:
+            return False
+        self.is_leader = True
+        self.lost.clear()
+        self._released.clear()
+        self._watchdog = threading.Thread(target=self._watch, name="lease-watchdog", daemon=True)
+        self._watchdog.start()
+        log.info("leader_acquired", consumer=self.name)
+        return True
+
+    def acquire(
+        self,
+        stop: threading.Event,
+        *,
+        wait: bool = True,
+        on_wait: Callable[[], object] | None = None,
+    ) -> bool:
+        """Become the leader. Blocks as a standby while another process leads.
+
+        Returns False if ``stop`` is set first, or at once if ``wait`` is False and another
+        process holds the lock.
+        """
+        announced = False
+        while not stop.is_set():
+            try:
+                if self.try_acquire():
+                    return True
+                if not wait:
+                    return False
+                if not announced:
+                    log.info("standby", consumer=self.name, retry_s=self.retry_interval)
+                    announced = True
+            except StoreUnavailable as exc:
+                log.warning("lock_db_unavailable", consumer=self.name, reason=str(exc))
+            if on_wait is not None:
+                on_wait()  # a standby is alive: keep the heartbeat fresh
+            stop.wait(self.retry_interval)
+        return False
+
+    def _watch(self) -> None:
+        while not self._released.wait(self.ping_interval):
+            conn = self._conn
+            try:
+                if conn is None:
+                    raise psycopg.OperationalError("no connection")
+                conn.execute("SELECT 1")
+            except psycopg.Error as exc:
+                if self._released.is_set():
+                    return
+                log.error("leader_lost", consumer=self.name, reason=str(exc).splitlines()[0:1])
+                self.is_leader = False
+                self.lost.set()
+                self._drop()
+                return
+
+    def release(self) -> None:
+        """Give up leadership (and the lock connection)."""
+        was_leader = self.is_leader
+        self._released.set()
+        if self._watchdog is not None:
+            self._watchdog.join(timeout=self.ping_interval + 5)
+            self._watchdog = None
+        if self._conn is not None and not self._conn.closed and was_leader:
+            with contextlib.suppress(psycopg.Error):
+                self._conn.execute("SELECT pg_advisory_unlock(%s)", (self.key,))
+        self._drop()
+        self.is_leader = False
+        if was_leader:
+            log.info("leader_released", consumer=self.name)
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                self._conn.close()
+            self._conn = None

@@ -1,0 +1,292 @@
+"""The record model and the pure rules applied to it: validation, sanitising, dedup.
+
+No I/O here. Everything the sync loop decides about a record ("row or dead letter", "which
+version of a key wins") is a function of this module, so it is tested without sockets or a
+database.
+
+Rules:
+
+* A record becomes a row only if ``collection_id`` and ``upstream_id`` are non-empty strings,
+  ``upstream_updated_at`` is an ISO 8601 timestamp with a UTC offset, ``deleted`` is a
+  boolean, ``data`` is an object (or ``null``/absent on a deleted record), and ``sync_id`` and
+  ``created_at``, when present and not null, are a UUID and a timestamp.
+* Anything else goes to the dead letters, verbatim, with the reason.
+* Postgres rejects ``\\u0000`` and lone UTF-16 surrogates in ``jsonb`` and ``text``. Inside
+  ``data`` they are replaced by U+FFFD (the row is stored) and the original record is also
+  dead-lettered, so nothing is lost. In the key or other text fields they make the record
+  unstorable: dead letter only.
+* Within one batch the version of a key that wins is the greatest by
+  (``upstream_updated_at``, stream position): later in the stream wins on equal timestamps,
+  and an older timestamp never replaces a newer one.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import orjson
+
+REPLACEMENT = "\ufffd"
+_BAD_CHARS = re.compile("[\x00\ud800-\udfff]")
+_TS_SHAPE = re.compile(r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}")
+
+
+@dataclass(slots=True)
+class Record:
+    """A record that can be stored as a row. ``data_json`` is ``data`` serialised for jsonb."""
+
+    collection_id: str
+    upstream_id: str
+    sync_id: UUID | None
+    upstream_updated_at: datetime
+    created_at: datetime | None
+    deleted: bool
+    data_json: str | None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.collection_id, self.upstream_id)
+
+
+@dataclass(slots=True)
+class DeadLetter:
+    """A record kept verbatim because it could not be stored as received."""
+
+    raw: str
+    reason: str
+    after_cursor: str | None
+    collection_id: str | None = None
+    upstream_id: str | None = None
+
+
+@dataclass(slots=True)
+class ParsedPage:
+    """One API page after validation: rows to store and records to dead-letter."""
+
+    after_cursor: str | None
+    cursor: str
+    received: int
+    records: list[Record] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    newest: datetime | None = None
+
+
+class InvalidRecord(ValueError):
+    """Raised inside validation; the message is the dead letter's reason."""
+
+
+def dumps_verbatim(value: Any) -> str:
+    """Serialise a received JSON value back to JSON text without losing anything.
+
+    orjson is the fast path; it refuses lone surrogates and integers beyond 64 bits, which the
+    stdlib encoder (ASCII mode: ``\\udXXX`` and ``\\u0000`` stay escapes) keeps exactly.
+    The result is always storable in a Postgres ``text`` column.
+    """
+    try:
+        out = orjson.dumps(value).decode()
+    except (TypeError, orjson.JSONEncodeError):
+        return json.dumps(value, ensure_ascii=True)
+    if "\x00" in out:  # pragma: no cover - orjson always escapes control characters
+        return json.dumps(value, ensure_ascii=True)
+    return out
+
+
+def sanitise(value: Any) -> Any:
+    """Return ``value`` with NUL and lone surrogates replaced by U+FFFD, keys included."""
+    if isinstance(value, str):
+        return _BAD_CHARS.sub(REPLACEMENT, value)
+    if isinstance(value, dict):
+        return {sanitise(k): sanitise(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [sanitise(v) for v in value]
+    return value
+
+
+def _has_bad_chars(s: str) -> bool:
+    return _BAD_CHARS.search(s) is not None
+
+
+def parse_timestamp(value: Any, field_name: str) -> datetime:
+    """Parse an ISO 8601 timestamp that carries a UTC offset (``Z`` or ``+hh:mm``)."""
+    if not isinstance(value, str):
+        raise InvalidRecord(f"{field_name} must be a string timestamp, got {_type_name(value)}")
+    if not _TS_SHAPE.match(value):
+        raise InvalidRecord(f"{field_name} is not an ISO 8601 timestamp: {value[:64]!r}")
+    try:
+        ts = datetime.fromisoformat(value)
+    except ValueError:
+        raise InvalidRecord(f"{field_name} is not an ISO 8601 timestamp: {value[:64]!r}") from None
+    if ts.tzinfo is None or ts.utcoffset() is None:
+        # A naive timestamp would be read in the session's time zone: ambiguous, so refused.
+        raise InvalidRecord(f"{field_name} has no UTC offset: {value[:64]!r}")
+    return ts
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {
+        str: "string",
+        bool: "boolean",
+        int: "number",
+        float: "number",
+        list: "array",
+        dict: "object",
+    }.get(type(value), type(value).__name__)
+
+
+def _key_text(raw: dict[str, Any], name: str) -> str:
+    if name not in raw:
+        raise InvalidRecord(f"{name} is missing")
+    value = raw[name]
+    if not isinstance(value, str):
+        raise InvalidRecord(f"{name} must be a string, got {_type_name(value)}")
+    if not value:
+        raise InvalidRecord(f"{name} is empty")
+    if _has_bad_chars(value):
+        raise InvalidRecord(f"{name} contains NUL or a lone surrogate")
+    return value
+
+
+def validate(raw: Any) -> tuple[Record, bool]:
+    """Validate one received record.
+
+    Returns the row and whether its ``data`` had to be sanitised (in which case the caller
+    must also dead-letter the original). Raises :class:`InvalidRecord` with the reason.
+    """
+    if not isinstance(raw, dict):
+        raise InvalidRecord(f"record must be an object, got {_type_name(raw)}")
+    collection_id = _key_text(raw, "collection_id")
+    upstream_id = _key_text(raw, "upstream_id")
+    if "upstream_updated_at" not in raw:
+        raise InvalidRecord("upstream_updated_at is missing")
+    updated_at = parse_timestamp(raw["upstream_updated_at"], "upstream_updated_at")
+    if "deleted" not in raw:
+        raise InvalidRecord("deleted is missing")
+    deleted = raw["deleted"]
+    if not isinstance(deleted, bool):
+        raise InvalidRecord(f"deleted must be a boolean, got {_type_name(deleted)}")
+
+    sync_id: UUID | None = None
+    raw_sync = raw.get("sync_id")
+    if raw_sync is not None:
+        if not isinstance(raw_sync, str):
+            raise InvalidRecord(f"sync_id must be a string, got {_type_name(raw_sync)}")
+        try:
+            sync_id = UUID(raw_sync)
+        except ValueError:
+            raise InvalidRecord(f"sync_id is not a UUID: {raw_sync[:64]!r}") from None
+
+    created_at = None
+    if raw.get("created_at") is not None:
+        created_at = parse_timestamp(raw["created_at"], "created_at")
+
+    if "data" not in raw and not deleted:
+        raise InvalidRecord("data is missing")
+    data = raw.get("data")
+    sanitised = False
+    data_json: str | None
+    if data is None:
+        if not deleted:
+            raise InvalidRecord("data is null on a record that is not deleted")
+        data_json = None
+    elif not isinstance(data, dict):
+        raise InvalidRecord(f"data must be an object, got {_type_name(data)}")
+    else:
+        data_json, sanitised = _data_json(data)
+
+    record = Record(
+        collection_id=collection_id,
+        upstream_id=upstream_id,
+        sync_id=sync_id,
+        upstream_updated_at=updated_at,
+        created_at=created_at,
+        deleted=deleted,
+        data_json=data_json,
+    )
+    return record, sanitised
+
+
+def _data_json(data: dict[str, Any]) -> tuple[str, bool]:
+    try:
+        out = orjson.dumps(data).decode()
+    except orjson.JSONEncodeError:
+        # A lone surrogate (orjson refuses them) or an integer beyond 64 bits.
+        clean = sanitise(data)
+        try:
+            out = orjson.dumps(clean).decode()
+        except orjson.JSONEncodeError:
+            out = json.dumps(clean)
+        return out, clean != data
+    if "\\u0000" in out:
+        # Could be a real NUL or the six characters "\u0000" escaped; only a walk can tell.
+        clean = sanitise(data)
+        if clean != data:
+            return orjson.dumps(clean).decode(), True
+    return out, False
+
+
+def parse_page(raw_records: Sequence[Any], *, cursor: str, after_cursor: str | None) -> ParsedPage:
+    """Split a page's records into rows and dead letters, keeping stream order."""
+    page = ParsedPage(after_cursor=after_cursor, cursor=cursor, received=len(raw_records))
+    newest: datetime | None = None
+    for raw in raw_records:
+        try:
+            record, sanitised = validate(raw)
+        except InvalidRecord as exc:
+            page.dead_letters.append(_dead(raw, str(exc), after_cursor))
+            continue
+        if sanitised:
+            page.dead_letters.append(
+                _dead(
+                    raw,
+                    "data contained NUL or a lone surrogate; stored with U+FFFD in their place",
+                    after_cursor,
+                )
+            )
+        page.records.append(record)
+        if newest is None or record.upstream_updated_at > newest:
+            newest = record.upstream_updated_at
+    page.newest = newest
+    return page
+
+
+def _dead(raw: Any, reason: str, after_cursor: str | None) -> DeadLetter:
+    collection_id = upstream_id = None
+    if isinstance(raw, dict):
+        c, u = raw.get("collection_id"), raw.get("upstream_id")
+        collection_id = c if isinstance(c, str) and not _has_bad_chars(c) else None
+        upstream_id = u if isinstance(u, str) and not _has_bad_chars(u) else None
+    return DeadLetter(
+        raw=dumps_verbatim(raw),
+        reason=reason,
+        after_cursor=after_cursor,
+        collection_id=collection_id,
+        upstream_id=upstream_id,
+    )
+
+
+def dedup(records: Iterable[Record]) -> list[Record]:
+    """Keep one version per key: the greatest by (upstream_updated_at, stream position).
+
+    ``records`` must be in stream order. The result keeps the first-seen order of keys, which
+    is irrelevant to correctness but makes writes deterministic.
+    """
+    latest: dict[tuple[str, str], Record] = {}
+    for record in records:
+        key = (record.collection_id, record.upstream_id)
+        current = latest.get(key)
+        if current is None or record.upstream_updated_at >= current.upstream_updated_at:
+            latest[key] = record
+    return list(latest.values())
+
+
+def provider_of(collection_id: str) -> str:
+    """The provider slug of a collection: the part before the first ``:``."""
+    return collection_id.split(":", 1)[0]

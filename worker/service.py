@@ -1,0 +1,164 @@
+"""Wiring: builds the client, store, lease and loop from :class:`Settings` and runs them.
+
+``run`` and ``backfill`` are the same procedure: migrate, become the consumer's leader
+(waiting as a standby while another process leads), sync. ``run`` goes back to standby if
+leadership is lost and keeps going until stopped; ``backfill`` returns once caught up.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+
+from worker.api import SequinClient
+from worker.config import Settings
+from worker.lease import Lease
+from worker.locks import consumer_lock_key
+from worker.store import ApplyResult, ConsumerConfig, PgStore, StoreUnavailable
+from worker.sync import DatabaseUnavailable, LoopState, Mode, SyncLoop, Totals
+
+log = structlog.get_logger("worker.service")
+
+
+class ConsumerBusy(Exception):
+    """Another process leads this consumer and the caller asked not to wait."""
+
+
+@dataclass
+class Outcome:
+    totals: Totals
+    caught_up: bool
+
+
+def consumer_config(settings: Settings) -> ConsumerConfig:
+    return ConsumerConfig(
+        name=settings.consumer,
+        sync_id=settings.sync_id,
+        provider=settings.provider,
+        collection=settings.collection,
+        delete_mode=settings.delete_mode,
+    )
+
+
+def make_client_factory(settings: Settings, stop: threading.Event) -> Callable[[], SequinClient]:
+    assert settings.api_token is not None
+    token = settings.api_token.get_secret_value()
+
+    def factory() -> SequinClient:
+        return SequinClient(
+            settings.base_url,
+            token,
+            filters=settings.filters,
+            page_size=settings.page_size,
+            connect_timeout=settings.connect_timeout,
+            read_timeout=settings.read_timeout,
+            max_retries=settings.max_retries,
+            allow_insecure_http=settings.allow_insecure_http,
+            stop=stop,
+        )
+
+    return factory
+
+
+def migrate_with_retry(store: PgStore, settings: Settings, stop: threading.Event) -> list[int]:
+    """Apply migrations, retrying while the database is unreachable (bounded)."""
+    attempt = 0
+    while True:
+        try:
+            return store.migrate()
+        except StoreUnavailable as exc:
+            attempt += 1
+            if attempt > settings.max_retries or stop.is_set():
+                raise DatabaseUnavailable(f"cannot reach the database: {exc}") from None
+            wait = min(30.0, 0.5 * 2 ** (attempt - 1))
+            log.warning("db_retry", reason=str(exc), attempt=attempt, wait_s=wait)
+            stop.wait(wait)
+
+
+def run_consumer(
+    settings: Settings,
+    mode: Mode,
+    stop: threading.Event,
+    *,
+    wait_for_lock: bool = True,
+    state: LoopState | None = None,
+    on_batch: Callable[[ApplyResult], None] | None = None,
+    on_leadership: Callable[[bool], None] | None = None,
+) -> Outcome:
+    """Migrate, lead, sync. Returns when ``stop`` is set or (backfill) when caught up."""
+    assert settings.database_url is not None
+    dsn = settings.database_url.get_secret_value()
+    store = PgStore(dsn, settings.db_schema, consumer_config(settings))
+    state = state or LoopState()
+    state.beat("migrating")
+    applied = migrate_with_retry(store, settings, stop)
+    state.migrated = True
+    log.info("migrations_ready", applied=applied, schema=settings.db_schema)
+
+    lease = Lease(
+        dsn,
+        consumer_lock_key(settings.db_schema, settings.consumer),
+        name=settings.consumer,
+        retry_interval=settings.lock_retry_interval,
+    )
+    client_factory = make_client_factory(settings, stop)
+    totals = Totals()
+    try:
+        while not stop.is_set():
+            state.beat("standby")
+            if not lease.acquire(stop, wait=wait_for_lock, on_wait=state.beat):
+                if stop.is_set():
+                    break
+                raise ConsumerBusy(
+                    f"consumer {settings.consumer!r} is being synced by another process"
+                )
+            state.leader = True
+            if on_leadership:
+                on_leadership(True)
+            # The session ends when we are told to stop or when leadership is lost.
+            session_stop = threading.Event()
+            relay = threading.Thread(
+                target=_relay, args=(stop, lease.lost, session_stop), daemon=True
+            )
+            relay.start()
+            loop = SyncLoop(
+                client_factory,
+                store,
+                mode=mode,
+                stop=session_stop,
+                poll_interval=settings.poll_interval,
+                batch_max_records=settings.batch_max_records,
+                prefetch_pages=settings.prefetch_pages,
+                max_db_retries=settings.max_retries,
+                on_batch=on_batch,
+                state=state,
+            )
+            loop.totals = totals
+            try:
+                done = loop.run()
+            finally:
+                session_stop.set()
+                lease.release()
+                state.leader = False
+                if on_leadership:
+                    on_leadership(False)
+            if done:
+                return Outcome(totals, caught_up=True)
+            if lease.lost.is_set() and not stop.is_set():
+                log.warning("leadership_lost_resuming_standby", consumer=settings.consumer)
+        return Outcome(totals, caught_up=False)
+    finally:
+        lease.release()
+        store.close()
+
+
+def _relay(stop: threading.Event, lost: threading.Event, session_stop: threading.Event) -> None:
+    # Either event ends the session; polling keeps this free of extra machinery.
+    while not session_stop.is_set():
+        if stop.is_set() or lost.is_set():
+            session_stop.set()
+            return
+        session_stop.wait(0.1)

@@ -1,0 +1,361 @@
+"""The Postgres store: the only module that writes the data tables.
+
+Contract of :meth:`PgStore.apply`: one batch (one or more consecutive pages) is applied in
+**one transaction** that also moves the consumer's cursor from the position the batch was
+fetched at to the cursor of its last page. Either all of it commits or none of it does, so
+after a crash at any point the stored cursor and the stored rows agree, and the worker
+resumes from exactly where the data stands.
+
+Failure modes:
+
+* :class:`StoreUnavailable`: the connection failed or was lost (network, restart,
+  ``pg_terminate_backend``). The transaction in flight did not commit *or* its commit was
+  not acknowledged; callers reconnect and re-read the cursor, which tells which.
+* :class:`CursorConflict`: the stored cursor is not where this process expected it: another
+  process of the same consumer wrote in between. Nothing was applied.
+* :class:`ConsumerMismatch`: the consumer exists with other filters (its cursor belongs to
+  another stream). Raised by :meth:`PgStore.open_consumer`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+import psycopg
+import structlog
+
+from worker import migrations, sqlfiles
+from worker.records import DeadLetter, ParsedPage, Record, dedup
+
+log = structlog.get_logger("worker.store")
+
+Conn = psycopg.Connection[tuple[Any, ...]]
+
+
+class StoreUnavailable(Exception):
+    """The database cannot be reached or the connection was lost."""
+
+
+class CursorConflict(Exception):
+    """Another writer moved this consumer's cursor; the batch was not applied."""
+
+
+class ConsumerMismatch(Exception):
+    """The consumer exists with different filters."""
+
+
+@dataclass(slots=True)
+class Batch:
+    """Consecutive pages to apply together, fetched starting at ``after_cursor``."""
+
+    after_cursor: str | None
+    pages: list[ParsedPage]
+
+    @property
+    def cursor(self) -> str:
+        return self.pages[-1].cursor
+
+    @property
+    def received(self) -> int:
+        return sum(p.received for p in self.pages)
+
+    def rows(self) -> list[Record]:
+        """One version per key across all pages (see :func:`worker.records.dedup`)."""
+        return dedup(r for p in self.pages for r in p.records)
+
+    def dead_letters(self) -> list[DeadLetter]:
+        return [d for p in self.pages for d in p.dead_letters]
+
+    @property
+    def valid(self) -> int:
+        return sum(len(p.records) for p in self.pages)
+
+    @property
+    def newest(self) -> datetime | None:
+        stamps = [p.newest for p in self.pages if p.newest is not None]
+        return max(stamps) if stamps else None
+
+
+@dataclass(slots=True)
+class ApplyResult:
+    """What one committed batch did to the table."""
+
+    received: int = 0
+    upserted: int = 0
+    deleted: int = 0
+    skipped: int = 0
+    dead_lettered: int = 0
+    pages: int = 0
+    cursor: str | None = None
+    newest: datetime | None = None
+    seconds: float = 0.0
+    by_collection: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerConfig:
+    """Who writes: the consumer name, its filters and delete mode."""
+
+    name: str
+    sync_id: str | None
+    provider: str | None
+    collection: str | None
+    delete_mode: Literal["soft", "hard"]
+
+    def filters(self) -> dict[str, str | None]:
+        return {"sync_id": self.sync_id, "provider": self.provider, "collection": self.collection}
+
+
+def connect(dsn: str, *, autocommit: bool = False, application_name: str = "sequin-worker") -> Conn:
+    """Open a connection with TCP keepalives, so a partitioned server is noticed.
+
+    Raises :class:`StoreUnavailable` (never with the DSN in the message: it may hold a
+    password).
+    """
+    try:
+        return psycopg.connect(
+            dsn,
+            autocommit=autocommit,
+            application_name=application_name[:63],
+            connect_timeout=10,
+            keepalives=1,
+            keepalives_idle=30,
+            keepalives_interval=10,
+            keepalives_count=3,
+        )
+    except psycopg.OperationalError as exc:
+        raise StoreUnavailable(_describe(exc)) from None
+
+
+def _describe(exc: psycopg.Error) -> str:
+    # libpq messages name host and port but never the password; keep the first line.
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+class PgStore:
+    """Writes batches for one consumer through one connection.
+
+    Not thread-safe: one thread applies batches. Call :meth:`connect` (and
+    :meth:`open_consumer`) before :meth:`apply`; after :class:`StoreUnavailable`, call
+    :meth:`connect` again and re-read the position with :meth:`open_consumer`.
+    """
+
+    def __init__(self, dsn: str, schema: str, consumer: ConsumerConfig) -> None:
+        self._dsn = dsn
+        self.schema = schema
+        self.consumer = consumer
+        self._conn: Conn | None = None
+        self._position: str | None = None
+        self._q = {
+            name: sqlfiles.query(name, schema)
+            for name in (
+                "create_stage",
+                "copy_stage",
+                "upsert_rows",
+                "apply_hard_deletes",
+                "advance_cursor",
+                "insert_dead_letter",
+                "ensure_consumer",
+                "get_consumer",
+                "set_delete_mode",
+            )
+        }
+
+    # -- connection -----------------------------------------------------------------------
+
+    def connect(self) -> None:
+        """(Re)open the connection and prepare the per-session staging table."""
+        self.close()
+        conn = connect(self._dsn, application_name=f"sequin-worker:{self.consumer.name}")
+        try:
+            with conn.transaction():
+                conn.execute(self._q["create_stage"])
+        except psycopg.OperationalError as exc:
+            conn.close()
+            raise StoreUnavailable(_describe(exc)) from None
+        self._conn = conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            finally:
+                self._conn = None
+
+    @property
+    def conn(self) -> Conn:
+        if self._conn is None or self._conn.closed:
+            raise StoreUnavailable("not connected")
+        return self._conn
+
+    @contextmanager
+    def _translate(self) -> Iterator[None]:
+        try:
+            yield
+        except psycopg.OperationalError as exc:
+            # Lost or broken connection: drop it; the caller reconnects.
+            self.close()
+            raise StoreUnavailable(_describe(exc)) from None
+
+    def migrate(self) -> list[int]:
+        """Apply pending migrations (see :mod:`worker.migrations`) on a side connection."""
+        with self._translate(), connect(self._dsn, autocommit=True) as conn:
+            return migrations.migrate(conn, self.schema)
+
+    # -- consumer -------------------------------------------------------------------------
+
+    def open_consumer(self) -> str | None:
+        """Create the consumer's row if new, check its filters, return the stored cursor.
+
+        Raises :class:`ConsumerMismatch` when the row exists with other filters.
+        """
+        c = self.consumer
+        params = {"consumer": c.name, "delete_mode": c.delete_mode, **c.filters()}
+        with self._translate(), self.conn.transaction():
+            self.conn.execute(self._q["ensure_consumer"], params)
+            row = self.conn.execute(self._q["get_consumer"], {"consumer": c.name}).fetchone()
+            assert row is not None
+            _, cursor, sync_id, provider, collection, delete_mode = row
+            stored = {"sync_id": sync_id, "provider": provider, "collection": collection}
+            if stored != c.filters():
+                raise ConsumerMismatch(
+                    f"consumer {c.name!r} was created with filters {_fmt(stored)} but is now "
+                    f"configured with {_fmt(c.filters())}; its cursor belongs to that other "
+                    "stream. Use another SEQUIN_CONSUMER, or start this one over with "
+                    f"`sequin-worker reset --consumer {c.name}`."
+                )
+            if delete_mode != c.delete_mode:
+                log.warning(
+                    "delete_mode_changed",
+                    consumer=c.name,
+                    stored=delete_mode,
+                    configured=c.delete_mode,
+                )
+                self.conn.execute(
+                    self._q["set_delete_mode"],
+                    {"consumer": c.name, "delete_mode": c.delete_mode},
+                )
+        self._position = cursor
+        return cursor  # type: ignore[no-any-return]
+
+    @property
+    def position(self) -> str | None:
+        """The cursor as of this process's last commit (or :meth:`open_consumer`)."""
+        return self._position
+
+    # -- apply ----------------------------------------------------------------------------
+
+    def apply(self, batch: Batch) -> ApplyResult:
+        """Apply ``batch`` and move the cursor to ``batch.cursor``, in one transaction.
+
+        ``batch.after_cursor`` must equal :attr:`position`; the update of the cursor row is the
+        first statement and is conditional on it (a fence against a second writer).
+        """
+        if batch.after_cursor != self._position:
+            raise CursorConflict(
+                f"batch starts at {batch.after_cursor!r}, this process is at {self._position!r}"
+            )
+        started = time.perf_counter()
+        rows = batch.rows()
+        dead = batch.dead_letters()
+        result = ApplyResult(
+            received=batch.received,
+            dead_lettered=len(dead),
+            pages=len(batch.pages),
+            cursor=batch.cursor,
+            newest=batch.newest,
+        )
+        conn = self.conn
+        c = self.consumer
+        with self._translate(), conn.transaction(), conn.cursor() as cur:
+            cur.execute(
+                self._q["advance_cursor"],
+                {
+                    "consumer": c.name,
+                    "cursor": batch.cursor,
+                    "expected": batch.after_cursor,
+                    "records": batch.valid,
+                    "pages": len(batch.pages),
+                    "dead_letters": len(dead),
+                    "newest": result.newest,
+                },
+            )
+            if cur.rowcount != 1:
+                raise CursorConflict(f"consumer {c.name!r} was moved or reset by another process")
+            if rows:
+                changed = self._write_rows(cur, rows)
+                result.upserted = sum(n for (_, is_del), n in changed.items() if not is_del)
+                result.deleted = sum(n for (_, is_del), n in changed.items() if is_del)
+                result.skipped = len(rows) - result.upserted - result.deleted
+                by_coll: Counter[str] = Counter()
+                for (coll, _), n in changed.items():
+                    by_coll[coll] += n
+                result.by_collection = dict(by_coll)
+            result.skipped += batch.valid - len(rows)  # superseded within the batch
+            if dead:
+                cur.executemany(
+                    self._q["insert_dead_letter"],
+                    [
+                        {
+                            "consumer": c.name,
+                            "after_cursor": d.after_cursor,
+                            "collection_id": d.collection_id,
+                            "upstream_id": d.upstream_id,
+                            "reason": d.reason,
+                            "raw": d.raw,
+                        }
+                        for d in dead
+                    ],
+                )
+        self._position = batch.cursor
+        result.seconds = time.perf_counter() - started
+        return result
+
+    def _write_rows(
+        self, cur: psycopg.Cursor[tuple[Any, ...]], rows: list[Record]
+    ) -> Counter[tuple[str, bool]]:
+        with cur.copy(self._q["copy_stage"]) as copy:
+            for r in rows:
+                copy.write_row(
+                    (
+                        r.collection_id,
+                        r.upstream_id,
+                        r.sync_id,
+                        r.upstream_updated_at,
+                        r.created_at,
+                        r.deleted,
+                        r.data_json,
+                    )
+                )
+        hard = self.consumer.delete_mode == "hard"
+        changed: Counter[tuple[str, bool]] = Counter()
+        cur.execute(self._q["upsert_rows"], {"include_deletes": not hard})
+        for coll, is_del, n in cur.fetchall():
+            changed[(coll, is_del)] += n
+        if hard:
+            cur.execute(self._q["apply_hard_deletes"])
+            for coll, is_del, n in cur.fetchall():
+                changed[(coll, is_del)] += n
+        return changed
+
+
+def _fmt(filters: dict[str, str | None]) -> str:
+    shown = {k: v for k, v in filters.items() if v is not None}
+    return str(shown) if shown else "{} (no filters)"
+
+
+def reset_consumer(dsn: str, schema: str, consumer: str) -> bool:
+    """Delete a consumer's cursor row so that it starts over from the beginning.
+
+    The rows it wrote stay; a fresh run rewrites each key with its latest version.
+    """
+    with connect(dsn, autocommit=True) as conn:
+        cur = conn.execute(sqlfiles.query("reset_consumer", schema), {"consumer": consumer})
+        return cur.rowcount == 1

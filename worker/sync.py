@@ -1,0 +1,373 @@
+"""The sync loop: prefetch pages, group them, apply each group in one transaction.
+
+The loop sees the API and the database only through two small interfaces, :class:`Source`
+and :class:`Sink`, so its rules are tested with in-memory fakes and its integration with the
+real client and store.
+
+Shape of a session (from one committed cursor):
+
+* a prefetch thread fetches and validates pages, starting at the committed cursor; the next
+  request needs only the previous response's cursor, so fetching overlaps writing. A bounded
+  queue keeps memory flat.
+* the applying thread takes the first waiting page and, while behind, the pages already
+  waiting behind it (up to ``batch_max_records``), and applies them as one batch whose
+  cursor is the last page's. While tailing that is one page per transaction.
+* after a page that is not full the stream is caught up: ``backfill`` ends there; ``run``
+  waits ``poll_interval`` (±20% jitter) and polls again.
+
+If the database connection is lost the session ends, prefetched pages are discarded, and a
+new session starts from the cursor the database holds: whatever committed is kept, whatever
+did not is fetched again. Nothing is applied twice because the cursor moves in the same
+transaction as the rows.
+"""
+
+from __future__ import annotations
+
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Literal, Protocol
+
+import structlog
+
+from worker.api import Page
+from worker.records import ParsedPage, parse_page
+from worker.store import ApplyResult, Batch, CursorConflict, StoreUnavailable
+
+log = structlog.get_logger("worker.sync")
+
+Mode = Literal["run", "backfill"]
+
+
+class Source(Protocol):
+    """Where pages come from (the API client)."""
+
+    def fetch_page(self, after_cursor: str | None) -> Page: ...
+
+    def close(self) -> None: ...
+
+
+class Sink(Protocol):
+    """Where batches go (the Postgres store)."""
+
+    def connect(self) -> None: ...
+
+    def open_consumer(self) -> str | None: ...
+
+    def apply(self, batch: Batch) -> ApplyResult: ...
+
+    def close(self) -> None: ...
+
+
+class ProtocolViolation(Exception):
+    """The API answered in a way that would make the loop spin or skip data."""
+
+
+class DatabaseUnavailable(Exception):
+    """The database stayed unreachable through the retry budget."""
+
+
+def next_step(page: Page) -> Literal["more", "caught_up"]:
+    """Pure pagination rule: what to do after ``page``.
+
+    A full page means more may be waiting; anything shorter means caught up. A non-empty page
+    that hands back the cursor it was asked with would be fetched forever: refused.
+    """
+    if page.records and page.cursor == page.after_cursor:
+        raise ProtocolViolation(
+            f"the API returned {len(page.records)} records but did not advance the cursor"
+        )
+    return "more" if page.is_full else "caught_up"
+
+
+def poll_delay(interval: float, rng: random.Random | None = None) -> float:
+    """The wait after a caught-up page: ``interval`` with ±20% jitter, so that many workers
+    polling one account do not fall into step."""
+    r = rng.random() if rng else random.random()
+    return interval * (0.8 + 0.4 * r)
+
+
+@dataclass(slots=True)
+class Fetched:
+    page: ParsedPage
+    caught_up: bool
+
+
+@dataclass
+class Totals:
+    """Running counts of one process, for the summary line, logs and metrics."""
+
+    received: int = 0
+    upserted: int = 0
+    deleted: int = 0
+    skipped: int = 0
+    dead_lettered: int = 0
+    pages: int = 0
+    batches: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    def add(self, r: ApplyResult) -> None:
+        self.received += r.received
+        self.upserted += r.upserted
+        self.deleted += r.deleted
+        self.skipped += r.skipped
+        self.dead_lettered += r.dead_lettered
+        self.pages += r.pages
+        self.batches += 1
+
+    @property
+    def seconds(self) -> float:
+        return time.monotonic() - self.started
+
+    def rate(self) -> float:
+        return self.received / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class LoopState:
+    """What the loop is doing, read by health checks and metrics (written by the loop only).
+
+    ``heartbeat`` is a ``time.monotonic()`` stamp refreshed whenever the loop makes progress
+    or is deliberately waiting; a stale heartbeat means the loop is stuck.
+    """
+
+    status: str = "starting"
+    heartbeat: float = field(default_factory=time.monotonic)
+    migrated: bool = False
+    leader: bool = False
+    caught_up: bool = False
+    last_commit: datetime | None = None
+    newest_applied: datetime | None = None
+    cursor: str | None = None
+
+    def beat(self, status: str | None = None) -> None:
+        self.heartbeat = time.monotonic()
+        if status is not None:
+            self.status = status
+
+
+class Prefetcher:
+    """Fetches and validates pages ahead of the writer on a daemon thread.
+
+    Items on :attr:`queue` are :class:`Fetched` pages in stream order, or the exception that
+    ended the thread. The queue is bounded by ``depth`` pages.
+    """
+
+    def __init__(
+        self,
+        source: Source,
+        start: str | None,
+        *,
+        mode: Mode,
+        poll_interval: float,
+        depth: int,
+        stop: threading.Event,
+    ) -> None:
+        self.queue: queue.Queue[Fetched | BaseException] = queue.Queue(maxsize=depth)
+        self._source = source
+        self._cursor = start
+        self._mode = mode
+        self._poll_interval = poll_interval
+        self._stop = stop
+        self._halt = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="prefetch", daemon=True)
+
+    def start(self) -> Prefetcher:
+        self._thread.start()
+        return self
+
+    def halt(self) -> None:
+        """Stop fetching. The thread may finish an HTTP request in flight, then exits; its
+        source is closed by the thread itself, never shared with a later prefetcher."""
+        self._halt.set()
+
+    def _stopping(self) -> bool:
+        return self._halt.is_set() or self._stop.is_set()
+
+    def _put(self, item: Fetched | BaseException) -> bool:
+        while not self._stopping():
+            try:
+                self.queue.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping():
+                page = self._source.fetch_page(self._cursor)
+                step = next_step(page)
+                parsed = parse_page(
+                    page.records, cursor=page.cursor, after_cursor=page.after_cursor
+                )
+                if not self._put(Fetched(parsed, caught_up=step == "caught_up")):
+                    return
+                self._cursor = page.cursor
+                if step == "caught_up":
+                    if self._mode == "backfill":
+                        return
+                    if self._stop.wait(poll_delay(self._poll_interval)) or self._halt.is_set():
+                        return
+        except BaseException as exc:
+            if not self._stopping():
+                self._put(exc)
+        finally:
+            self._source.close()
+
+
+class SyncLoop:
+    """Drives one consumer: sessions of prefetch → group → apply, until told to stop.
+
+    :meth:`run` returns normally when ``stop`` is set (``run`` mode) or when caught up
+    (``backfill`` mode). It raises the API client's errors (token rejected, request
+    rejected, API unavailable), :class:`ProtocolViolation`, :class:`DatabaseUnavailable`
+    after ``max_db_retries`` consecutive failed reconnects, and :class:`CursorConflict`
+    when another process wrote this consumer's cursor.
+    """
+
+    def __init__(
+        self,
+        source_factory: Callable[[], Source],
+        sink: Sink,
+        *,
+        mode: Mode,
+        stop: threading.Event,
+        poll_interval: float = 1.0,
+        batch_max_records: int = 5000,
+        prefetch_pages: int = 4,
+        max_db_retries: int = 20,
+        on_batch: Callable[[ApplyResult], None] | None = None,
+        state: LoopState | None = None,
+    ) -> None:
+        self._source_factory = source_factory
+        self._sink = sink
+        self.mode = mode
+        self._stop = stop
+        self._poll_interval = poll_interval
+        self._batch_max = batch_max_records
+        self._depth = prefetch_pages
+        self._max_db_retries = max_db_retries
+        self._on_batch = on_batch
+        self.state = state or LoopState()
+        self.totals = Totals()
+
+    def run(self) -> bool:
+        """Sync until stopped (returns False) or, in backfill mode, caught up (True)."""
+        failures = 0
+        done = False
+        while not self._stop.is_set():
+            try:
+                self._sink.connect()
+                position = self._sink.open_consumer()
+                failures = 0
+                if self._session(position):
+                    done = True
+                    break
+            except CursorConflict as exc:
+                # Another writer moved the cursor (a late commit of a previous leader, or a
+                # reset): nothing of ours was applied; start over from what is stored.
+                log.warning("cursor_conflict", reason=str(exc))
+                self.state.beat()
+            except StoreUnavailable as exc:
+                failures += 1
+                if failures > self._max_db_retries:
+                    raise DatabaseUnavailable(
+                        f"the database stayed unreachable ({failures} attempts): {exc}"
+                    ) from None
+                wait = min(30.0, 0.5 * 2 ** (failures - 1)) * random.uniform(0.5, 1.0)
+                log.warning("db_retry", reason=str(exc), attempt=failures, wait_s=round(wait, 3))
+                self.state.beat("db_retry")
+                self._stop.wait(wait)
+        self._sink.close()
+        return done
+
+    def _session(self, position: str | None) -> bool:
+        """Sync from ``position`` until stopped (False) or, in backfill, caught up (True)."""
+        self.state.cursor = position
+        log.info("session_started", cursor=position, mode=self.mode)
+        prefetch = Prefetcher(
+            self._source_factory(),
+            position,
+            mode=self.mode,
+            poll_interval=self._poll_interval,
+            depth=self._depth,
+            stop=self._stop,
+        ).start()
+        try:
+            while not self._stop.is_set():
+                self.state.beat()
+                try:
+                    item = prefetch.queue.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                fetched = [item]
+                while not fetched[-1].caught_up and (
+                    sum(f.page.received for f in fetched) < self._batch_max
+                ):
+                    try:
+                        nxt = prefetch.queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if isinstance(nxt, BaseException):
+                        # Apply what we have first; the error surfaces on the next get.
+                        prefetch.queue.put(nxt)
+                        break
+                    fetched.append(nxt)
+                position = self._apply(position, [f.page for f in fetched])
+                if fetched[-1].caught_up:
+                    if not self.state.caught_up:
+                        log.info("caught_up", cursor=position, **self._totals_fields())
+                    self.state.caught_up = True
+                    self.state.beat("caught_up")
+                    if self.mode == "backfill":
+                        return True
+                else:
+                    self.state.caught_up = False
+                    self.state.beat("syncing")
+            return False
+        finally:
+            prefetch.halt()
+
+    def _apply(self, position: str | None, pages: list[ParsedPage]) -> str | None:
+        batch = Batch(after_cursor=position, pages=pages)
+        if batch.received == 0 and batch.cursor == position:
+            return position  # an empty page handing back our cursor: nothing to commit
+        result = self._sink.apply(batch)
+        self.totals.add(result)
+        now = datetime.now(UTC)
+        self.state.last_commit = now
+        if result.newest is not None:
+            self.state.newest_applied = max(
+                result.newest, self.state.newest_applied or result.newest
+            )
+        self.state.cursor = batch.cursor
+        log.info(
+            "page_applied",
+            pages=result.pages,
+            records=result.received,
+            upserted=result.upserted,
+            deleted=result.deleted,
+            skipped=result.skipped,
+            dead_lettered=result.dead_lettered,
+            cursor=batch.cursor,
+            ms=round(result.seconds * 1000, 1),
+        )
+        if self._on_batch is not None:
+            self._on_batch(result)
+        return batch.cursor
+
+    def _totals_fields(self) -> dict[str, int | float]:
+        t = self.totals
+        return {
+            "records": t.received,
+            "upserted": t.upserted,
+            "deleted": t.deleted,
+            "dead_lettered": t.dead_lettered,
+        }
