@@ -49,7 +49,9 @@ def template_db(pg_server: str) -> Iterator[str]:
         migrate(conn, SCHEMA)
     yield name
     with _admin(pg_server) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
 
 
 @pytest.fixture
@@ -64,7 +66,9 @@ def db(pg_server: str, template_db: str) -> Iterator[str]:
         )
     yield make_conninfo(pg_server, dbname=name)
     with _admin(pg_server) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
 
 
 @pytest.fixture
@@ -75,7 +79,9 @@ def empty_db(pg_server: str) -> Iterator[str]:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     yield make_conninfo(pg_server, dbname=name)
     with _admin(pg_server) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
 
 
 def fetch_rows(dsn: str, schema: str = SCHEMA) -> dict[tuple[str, str], dict[str, object]]:

@@ -68,8 +68,16 @@ def test_timestamps_in_other_valid_iso_forms(text: str, expected: datetime) -> N
 
 @pytest.mark.parametrize(
     "text",
-    ["", "yesterday", "2024-13-10T18:39:00Z", "2024-11-10T25:00:00Z", "2024-11-10T18:39:00",
-     "2024-11-10", "1731263940", "2024-11-10T18:39:00ZZ"],
+    [
+        "",
+        "yesterday",
+        "2024-13-10T18:39:00Z",
+        "2024-11-10T25:00:00Z",
+        "2024-11-10T18:39:00",
+        "2024-11-10",
+        "1731263940",
+        "2024-11-10T18:39:00ZZ",
+    ],
 )
 def test_invalid_timestamps(text: str) -> None:
     with pytest.raises(InvalidRecord):
@@ -180,7 +188,9 @@ def test_dead_letter_raw_keeps_lone_surrogates_and_nul_as_escapes() -> None:
 
 
 def _r(uid: str, ts: str, n: int, deleted: bool = False) -> Any:
-    record, _ = validate(rec(upstream_id=uid, upstream_updated_at=ts, data={"n": n}, deleted=deleted))
+    record, _ = validate(
+        rec(upstream_id=uid, upstream_updated_at=ts, data={"n": n}, deleted=deleted)
+    )
     return record
 
 
@@ -207,7 +217,9 @@ def test_provider_of() -> None:
     assert provider_of("nocolon") == "nocolon"
 
 
-@given(st.recursive(st.text(), lambda c: st.lists(c) | st.dictionaries(st.text(), c), max_leaves=20))
+@given(
+    st.recursive(st.text(), lambda c: st.lists(c) | st.dictionaries(st.text(), c), max_leaves=20)
+)
 def test_sanitise_leaves_nothing_postgres_rejects(value: Any) -> None:
     clean = sanitise(value)
     text = json.dumps(clean, ensure_ascii=False)
@@ -215,10 +227,12 @@ def test_sanitise_leaves_nothing_postgres_rejects(value: Any) -> None:
     text.encode("utf-8")  # raises on a lone surrogate
 
 
-@given(st.recursive(
-    st.none() | st.booleans() | st.integers() | st.text(),
-    lambda c: st.lists(c) | st.dictionaries(st.text(), c),
-    max_leaves=20,
-))
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(),
+        lambda c: st.lists(c) | st.dictionaries(st.text(), c),
+        max_leaves=20,
+    )
+)
 def test_dumps_verbatim_round_trips(value: Any) -> None:
     assert json.loads(dumps_verbatim(value)) == value

@@ -13,7 +13,9 @@ from worker.records import parse_page
 from worker.store import Batch, ConsumerConfig, ConsumerMismatch, CursorConflict, PgStore
 
 
-def raw(uid: str, ts: str, n: int = 0, *, coll: str = "stripe:customer", **over: Any) -> dict[str, Any]:
+def raw(
+    uid: str, ts: str, n: int = 0, *, coll: str = "stripe:customer", **over: Any
+) -> dict[str, Any]:
     r: dict[str, Any] = {
         "sync_id": "e6bd2ca5-36aa-4fce-9730-5543509a7747",
         "collection_id": coll,
@@ -60,7 +62,10 @@ def apply_pages(store: PgStore, *pages: list[dict[str, Any]]) -> Any:
 
 
 def data_n(dsn: str) -> dict[str, Any]:
-    return {k[1]: (None if v["data"] is None else v["data"]["n"], v["deleted"]) for k, v in fetch_rows(dsn).items()}
+    return {
+        k[1]: (None if v["data"] is None else v["data"]["n"], v["deleted"])
+        for k, v in fetch_rows(dsn).items()
+    }
 
 
 def cursor_row(dsn: str, consumer: str = "default") -> tuple[Any, ...]:
@@ -160,7 +165,9 @@ def test_stale_delete_does_not_remove_a_newer_row(db: str) -> None:
 def test_hard_delete_removes_the_row(db: str) -> None:
     store = make_store(db, mode="hard")
     apply_pages(store, [raw("a", T(1), 1), raw("b", T(1), 1)])
-    result = apply_pages(store, [raw("a", T(2), deleted=True, data=None), raw("never", T(2), deleted=True)])
+    result = apply_pages(
+        store, [raw("a", T(2), deleted=True, data=None), raw("never", T(2), deleted=True)]
+    )
     assert data_n(db) == {"b": (1, False)}
     assert result.deleted == 1
     assert cursor_row(db, "default")[0] == "c.0.0"

@@ -177,6 +177,8 @@ class SequinClient:
         read_timeout: float = 60.0,
         max_retries: int = 20,
         allow_insecure_http: bool = False,
+        backoff_initial: float = 0.5,
+        backoff_max: float = 30.0,
         stop: threading.Event | None = None,
         on_request: Callable[[int | str, float], None] | None = None,
         on_retry: Callable[[str], None] | None = None,
@@ -194,6 +196,7 @@ class SequinClient:
         self.page_size = page_size
         self._timeout = (connect_timeout, read_timeout)
         self._max_retries = max_retries
+        self._backoff = (backoff_initial, backoff_max)
         self._stop = stop or threading.Event()
         self._on_request = on_request
         self._on_retry = on_retry
@@ -276,9 +279,10 @@ class SequinClient:
             self._on_request(status, time.perf_counter() - started)
 
     def _wait(self, state: tenacity.RetryCallState) -> float:
-        # Full jitter on an exponential ceiling (0.5 s doubling to 30 s), but never less than
-        # what the server asked for with Retry-After.
-        ceiling = min(30.0, 0.5 * 2 ** (state.attempt_number - 1))
+        # Jitter on an exponential ceiling (0.5 s doubling to 30 s by default), but never less
+        # than what the server asked for with Retry-After.
+        initial, cap = self._backoff
+        ceiling = min(cap, initial * 2 ** (state.attempt_number - 1))
         delay = random.uniform(ceiling / 2, ceiling)
         exc = state.outcome.exception() if state.outcome else None
         if isinstance(exc, _Retryable) and exc.retry_after is not None:

@@ -9,10 +9,12 @@ without a traceback.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from typing import Literal
 from urllib.parse import urlsplit
 
+from dotenv import dotenv_values
 from pydantic import (
     AliasChoices,
     Field,
@@ -181,6 +183,11 @@ def load_settings(*, require: tuple[str, ...] = ()) -> Settings:
                 problems.append(f"{env_name(field)}: {msg}")
             else:
                 problems.append(msg)
+        # Report missing required settings in the same pass, so one run shows everything.
+        present = {**dotenv_values(".env"), **os.environ}
+        for f in require:
+            if not str(present.get(env_name(f)) or "").strip():
+                problems.append(f"{env_name(f)}: required but not set")
         raise ConfigError(problems) from None
     missing = [
         f"{env_name(f)}: required but not set"

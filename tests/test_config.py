@@ -1,0 +1,134 @@
+"""Settings: defaults, validation, one line per bad variable, exit 2 from the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from worker.config import ConfigError, is_loopback_host, load_settings
+
+ALL_VARS = [
+    line.split("=", 1)[0]
+    for line in Path(".env.example").read_text().splitlines()
+    if line and not line.startswith("#")
+]
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for var in ALL_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)  # no stray .env
+
+
+def test_defaults() -> None:
+    s = load_settings()
+    assert s.base_url == "https://api.sequin.io"
+    assert s.records_url == "https://api.sequin.io/v1/records"
+    assert (s.consumer, s.page_size, s.poll_interval) == ("default", 500, 1.0)
+    assert (s.delete_mode, s.db_schema, s.log_format, s.log_level) == (
+        "soft",
+        "sequin",
+        "auto",
+        "info",
+    )
+    assert s.filters == {"sync_id": None, "provider": None, "collection": None}
+
+
+def test_env_file_is_read_and_environment_wins(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    (tmp_path / ".env").write_text(
+        "SEQUIN_CONSUMER=from-file\nSEQUIN_PAGE_SIZE=100\nSEQUIN_PROVIDER=\n"
+    )
+    monkeypatch.setenv("SEQUIN_PAGE_SIZE", "200")
+    s = load_settings()
+    assert (s.consumer, s.page_size, s.provider) == ("from-file", 200, None)
+
+
+def test_every_problem_is_named_by_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SEQUIN_PAGE_SIZE", "501")
+    monkeypatch.setenv("SEQUIN_POLL_INTERVAL", "soon")
+    monkeypatch.setenv("SEQUIN_DELETE_MODE", "maybe")
+    monkeypatch.setenv("SEQUIN_DB_SCHEMA", 'x"; drop')
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    lines = err.value.problems
+    assert len(lines) == 4
+    assert {line.split(":")[0] for line in lines} == {
+        "SEQUIN_PAGE_SIZE",
+        "SEQUIN_POLL_INTERVAL",
+        "SEQUIN_DELETE_MODE",
+        "SEQUIN_DB_SCHEMA",
+    }
+
+
+def test_required_settings() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(require=("api_token", "database_url"))
+    assert err.value.problems == [
+        "SEQUIN_API_TOKEN: required but not set",
+        "DATABASE_URL: required but not set",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("url", "ok"),
+    [
+        ("https://api.example.com", True),
+        ("http://127.0.0.1:8765", True),
+        ("http://localhost:8765", True),
+        ("http://[::1]:8765", True),
+        ("http://api.example.com", False),
+        ("http://10.0.0.5:8765", False),
+        ("ftp://api.example.com", False),
+    ],
+)
+def test_token_is_never_sent_over_plain_http_to_a_remote_host(
+    monkeypatch: pytest.MonkeyPatch, url: str, ok: bool
+) -> None:
+    monkeypatch.setenv("SEQUIN_BASE_URL", url)
+    if ok:
+        load_settings()
+    else:
+        with pytest.raises(ConfigError, match="SEQUIN_BASE_URL"):
+            load_settings()
+
+
+def test_insecure_http_can_be_allowed_explicitly(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SEQUIN_BASE_URL", "http://simulator:8765")
+    monkeypatch.setenv("SEQUIN_ALLOW_INSECURE_HTTP", "true")
+    assert load_settings().base_url == "http://simulator:8765"
+
+
+def test_loopback_detection() -> None:
+    assert is_loopback_host("127.5.5.5") and is_loopback_host("::1")
+    assert not is_loopback_host("localhost.evil.com") and not is_loopback_host(None)
+
+
+def test_cli_exits_2_with_one_line_per_variable_and_no_traceback(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ALL_VARS}
+    env.update({"SEQUIN_PAGE_SIZE": "0", "SEQUIN_API_TOKEN": "tok-secret-123"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker", "backfill"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert (
+        "sequin-worker: config: SEQUIN_PAGE_SIZE: Input should be greater than or equal to 1"
+        in lines
+    )
+    assert "sequin-worker: config: DATABASE_URL: required but not set" in lines
+    assert len(lines) == 2
+    assert "tok-secret-123" not in proc.stderr + proc.stdout
