@@ -96,7 +96,7 @@ def test_failure_inside_the_transaction_leaves_neither_rows_nor_cursor(
     store = make_store(db)
     apply_pages(store, [raw("a", T(1), 1)])
     # Break the last statement of the batch (the dead-letter insert) to fail mid-transaction.
-    store._q["insert_dead_letter"] = sqlfiles.render(  # noqa: SLF001
+    store._q["insert_dead_letter"] = sqlfiles.render(
         "INSERT INTO {schema}.no_such_table VALUES (%(raw)s)", SCHEMA
     )
     with pytest.raises(psycopg.errors.UndefinedTable):

@@ -142,7 +142,7 @@ def test_lost_database_reconnects_and_resumes_from_what_committed() -> None:
     sink = FakeSink()
     sink.fail_next = [StoreUnavailable("gone")]
     loop = make_loop(source, sink, batch_max_records=10)
-    loop._max_db_retries = 3  # noqa: SLF001
+    loop._max_db_retries = 3
     assert loop.run() is True
     assert sink.connects == 2
     assert sink.cursor == "50" and len(sink.rows) == 50
@@ -175,7 +175,7 @@ def test_run_mode_polls_after_caught_up_and_stops_on_request() -> None:
     time.sleep(0.3)
     records.extend(rec(i) for i in range(5, 8))  # live records appear
     time.sleep(0.3)
-    loop._stop.set()  # noqa: SLF001
+    loop._stop.set()
     t.join(5)
     assert not t.is_alive()
     assert sink.cursor == "8"

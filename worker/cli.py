@@ -30,11 +30,13 @@ from typing import NoReturn
 import psycopg
 import structlog
 
-from worker import logs
+from worker import __version__, logs
 from worker.api import ApiUnavailable, RequestRejected, Stopped, TokenRejected
 from worker.config import ConfigError, Settings, load_settings
+from worker.metrics import Metrics
+from worker.ops import OpsServer
 from worker.store import ConsumerMismatch, StoreUnavailable
-from worker.sync import DatabaseUnavailable, ProtocolViolation, Totals
+from worker.sync import DatabaseUnavailable, LoopState, ProtocolViolation, Totals
 
 log = structlog.get_logger("worker.cli")
 
@@ -109,21 +111,25 @@ def cmd_sync(args: argparse.Namespace, mode: str) -> int:
         filters={k: v for k, v in settings.filters.items() if v},
         delete_mode=settings.delete_mode,
     )
-    http = None
+    state = LoopState()
+    metrics = Metrics(settings.consumer, __version__)
+    ops = None
     if mode == "run" and settings.http_port:
-        http = _start_http(settings)
+        ops = _start_ops(settings, state, metrics)
     try:
         outcome = run_consumer(
             settings,
             "backfill" if mode == "backfill" else "run",
             stop,
             wait_for_lock=not getattr(args, "no_wait", False),
+            state=state,
+            metrics=metrics,
         )
     except ConsumerBusy as exc:
         raise Exit(EXIT_BUSY, str(exc)) from None
     finally:
-        if http is not None:
-            http()
+        if ops is not None:
+            ops.stop()
     if mode == "backfill":
         if outcome.caught_up:
             print(summary_line(outcome.totals), flush=True)
@@ -136,9 +142,28 @@ def cmd_sync(args: argparse.Namespace, mode: str) -> int:
     return EXIT_OK
 
 
-def _start_http(settings: Settings) -> Callable[[], None] | None:
-    """The ops HTTP server arrives with the metrics issue; nothing to serve yet."""
-    return None
+def _start_ops(settings: Settings, state: LoopState, metrics: Metrics) -> OpsServer:
+    from worker.store import ping
+
+    assert settings.database_url is not None
+    dsn = settings.database_url.get_secret_value()
+    try:
+        ops = OpsServer(
+            settings.http_host,
+            settings.http_port,
+            metrics=metrics,
+            state=state,
+            db_ping=lambda: ping(dsn),
+            heartbeat_timeout=settings.heartbeat_timeout,
+        ).start()
+    except OSError as exc:
+        raise Exit(
+            EXIT_CONFIG,
+            f"SEQUIN_HTTP_PORT: cannot listen on {settings.http_host}:{settings.http_port} "
+            f"({exc.strerror})",
+        ) from None
+    log.info("ops_listening", host=settings.http_host, port=ops.port)
+    return ops
 
 
 def cmd_migrate(_args: argparse.Namespace) -> int:

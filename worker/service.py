@@ -17,6 +17,7 @@ from worker.api import SequinClient
 from worker.config import Settings
 from worker.lease import Lease
 from worker.locks import consumer_lock_key
+from worker.metrics import Metrics
 from worker.store import ApplyResult, ConsumerConfig, PgStore, StoreUnavailable
 from worker.sync import DatabaseUnavailable, LoopState, Mode, SyncLoop, Totals
 
@@ -43,7 +44,9 @@ def consumer_config(settings: Settings) -> ConsumerConfig:
     )
 
 
-def make_client_factory(settings: Settings, stop: threading.Event) -> Callable[[], SequinClient]:
+def make_client_factory(
+    settings: Settings, stop: threading.Event, metrics: Metrics | None = None
+) -> Callable[[], SequinClient]:
     assert settings.api_token is not None
     token = settings.api_token.get_secret_value()
 
@@ -58,6 +61,8 @@ def make_client_factory(settings: Settings, stop: threading.Event) -> Callable[[
             max_retries=settings.max_retries,
             allow_insecure_http=settings.allow_insecure_http,
             stop=stop,
+            on_request=metrics.observe_request if metrics else None,
+            on_retry=metrics.observe_retry if metrics else None,
         )
 
     return factory
@@ -85,14 +90,31 @@ def run_consumer(
     *,
     wait_for_lock: bool = True,
     state: LoopState | None = None,
-    on_batch: Callable[[ApplyResult], None] | None = None,
-    on_leadership: Callable[[bool], None] | None = None,
+    metrics: Metrics | None = None,
 ) -> Outcome:
-    """Migrate, lead, sync. Returns when ``stop`` is set or (backfill) when caught up."""
+    """Migrate, lead, sync. Returns when ``stop`` is set or (backfill) when caught up.
+
+    ``state`` and ``metrics``, when given, are kept up to date for the ops endpoint.
+    """
     assert settings.database_url is not None
     dsn = settings.database_url.get_secret_value()
     store = PgStore(dsn, settings.db_schema, consumer_config(settings))
     state = state or LoopState()
+    metrics = metrics or Metrics(settings.consumer)
+    loop_state = state
+    metrics.caught_up.set_function(lambda: 1.0 if loop_state.caught_up else 0.0)
+
+    def on_batch(r: ApplyResult) -> None:
+        assert metrics is not None
+        metrics.observe_batch(
+            received=r.received,
+            pages=r.pages,
+            seconds=r.seconds,
+            changed=r.changed,
+            dead_by_collection=r.dead_by_collection,
+            newest=r.newest,
+        )
+
     state.beat("migrating")
     applied = migrate_with_retry(store, settings, stop)
     state.migrated = True
@@ -104,7 +126,7 @@ def run_consumer(
         name=settings.consumer,
         retry_interval=settings.lock_retry_interval,
     )
-    client_factory = make_client_factory(settings, stop)
+    client_factory = make_client_factory(settings, stop, metrics)
     totals = Totals()
     try:
         while not stop.is_set():
@@ -116,8 +138,7 @@ def run_consumer(
                     f"consumer {settings.consumer!r} is being synced by another process"
                 )
             state.leader = True
-            if on_leadership:
-                on_leadership(True)
+            metrics.set_leader(True)
             # The session ends when we are told to stop or when leadership is lost.
             session_stop = threading.Event()
             relay = threading.Thread(
@@ -143,8 +164,7 @@ def run_consumer(
                 session_stop.set()
                 lease.release()
                 state.leader = False
-                if on_leadership:
-                    on_leadership(False)
+                metrics.set_leader(False)
             if done:
                 return Outcome(totals, caught_up=True)
             if lease.lost.is_set() and not stop.is_set():

@@ -95,7 +95,16 @@ class ApplyResult:
     cursor: str | None = None
     newest: datetime | None = None
     seconds: float = 0.0
-    by_collection: dict[str, int] = field(default_factory=dict)
+    # Rows changed per (collection_id, deleted): what NOTIFY and the metrics report.
+    changed: dict[tuple[str, bool], int] = field(default_factory=dict)
+    dead_by_collection: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def by_collection(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for (collection, _), n in self.changed.items():
+            out[collection] = out.get(collection, 0) + n
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,12 +303,12 @@ class PgStore:
                 result.upserted = sum(n for (_, is_del), n in changed.items() if not is_del)
                 result.deleted = sum(n for (_, is_del), n in changed.items() if is_del)
                 result.skipped = len(rows) - result.upserted - result.deleted
-                by_coll: Counter[str] = Counter()
-                for (coll, _), n in changed.items():
-                    by_coll[coll] += n
-                result.by_collection = dict(by_coll)
+                result.changed = dict(changed)
             result.skipped += batch.valid - len(rows)  # superseded within the batch
             if dead:
+                result.dead_by_collection = dict(
+                    Counter(d.collection_id or "unknown" for d in dead)
+                )
                 cur.executemany(
                     self._q["insert_dead_letter"],
                     [
@@ -349,6 +358,16 @@ class PgStore:
 def _fmt(filters: dict[str, str | None]) -> str:
     shown = {k: v for k, v in filters.items() if v is not None}
     return str(shown) if shown else "{} (no filters)"
+
+
+def ping(dsn: str, timeout: float = 2.0) -> bool:
+    """True if the database answers a query within about ``timeout`` seconds."""
+    try:
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=max(1, int(timeout))) as conn:
+            conn.execute("SELECT 1")
+        return True
+    except psycopg.Error:
+        return False
 
 
 def reset_consumer(dsn: str, schema: str, consumer: str) -> bool:

@@ -1,0 +1,192 @@
+"""The API client over real sockets, against our simulator."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Iterator
+from email.utils import formatdate
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from worker.api import (
+    ApiUnavailable,
+    RequestRejected,
+    SequinClient,
+    TokenRejected,
+    decode_page,
+    parse_retry_after,
+)
+from worker.simulator import FaultConfig, Simulator
+
+TOKEN = "sk-test-7d1f0a9e"
+
+
+@pytest.fixture
+def sim() -> Iterator[Simulator]:
+    with Simulator(token=TOKEN, seed=3, records=1200) as s:
+        yield s
+
+
+def client(sim: Simulator, **kw: Any) -> SequinClient:
+    kw.setdefault("backoff_initial", 0.01)
+    kw.setdefault("backoff_max", 0.05)
+    return SequinClient(sim.base_url, kw.pop("token", TOKEN), **kw)
+
+
+def drain(c: SequinClient) -> tuple[list[dict[str, Any]], str]:
+    records: list[dict[str, Any]] = []
+    cursor = None
+    while True:
+        page = c.fetch_page(cursor)
+        records.extend(page.records)
+        cursor = page.cursor
+        if not page.is_full:
+            return records, cursor
+
+
+def test_drains_the_stream_in_order(sim: Simulator) -> None:
+    records, cursor = drain(client(sim, page_size=500))
+    assert len(records) == 1200
+    stamps = [r["upstream_updated_at"] for r in records]
+    assert stamps == sorted(stamps)
+    # Caught up: an empty page hands back the same cursor.
+    again = client(sim).fetch_page(cursor)
+    assert again.records == [] and again.cursor == cursor
+
+
+def test_filters_are_passed_through(sim: Simulator) -> None:
+    records, _ = drain(client(sim, filters={"provider": "stripe", "sync_id": None}))
+    assert records and all(r["collection_id"].startswith("stripe:") for r in records)
+    assert len(records) == sim.record_count(provider="stripe")
+
+
+def test_rejected_token_stops_at_once_with_a_clear_message(sim: Simulator) -> None:
+    c = client(sim, token="wrong-token-value")
+    started = time.monotonic()
+    with capture_logs() as logs, pytest.raises(TokenRejected) as err:
+        c.fetch_page(None)
+    assert time.monotonic() - started < 2
+    assert not [e for e in logs if e["event"] == "api_retry"]  # no retry
+    assert "rejected the token" in str(err.value) and "SEQUIN_API_TOKEN" in str(err.value)
+    assert "wrong-token-value" not in str(err.value)
+
+
+def test_other_4xx_stops_with_the_server_message(sim: Simulator) -> None:
+    with pytest.raises(RequestRejected) as err:
+        client(sim).fetch_page("definitely-not-a-cursor")
+    assert "HTTP 400" in str(err.value) and "cursor" in str(err.value).lower()
+
+
+def test_retry_after_is_honoured(sim: Simulator) -> None:
+    sim.faults = FaultConfig(rate_429=1.0, retry_after=0.4, retry_after_http_date_share=0.0)
+    c = client(sim)
+    result: list[Any] = []
+    t = threading.Thread(target=lambda: result.append(c.fetch_page(None)))
+    t.start()
+    while len(sim.request_log) < 2:
+        time.sleep(0.01)
+    sim.faults = FaultConfig()
+    t.join(10)
+    assert result and result[0].records
+    log = sim.request_log
+    for prev, nxt in itertools.pairwise(log):
+        if prev.retry_after is not None:
+            assert nxt.time >= prev.time + prev.retry_after
+
+
+def test_retry_after_as_http_date() -> None:
+    now = 1_700_000_000.0
+    assert parse_retry_after(formatdate(now + 3, usegmt=True), now=now) == pytest.approx(3.0)
+    assert parse_retry_after("7") == 7.0
+    assert parse_retry_after("0.25") == 0.25
+    assert parse_retry_after(formatdate(now - 60, usegmt=True), now=now) == 0.0
+    assert parse_retry_after("soon") is None
+    assert parse_retry_after(None) is None
+
+
+@pytest.mark.parametrize(
+    "faults",
+    [
+        FaultConfig(rate_5xx=0.5, html_share=1.0, seed=1),
+        FaultConfig(rate_drop=0.5, seed=2),
+        FaultConfig(rate_truncate=0.5, seed=3),
+        FaultConfig(rate_429=0.5, retry_after=0.01, seed=4),
+    ],
+    ids=["5xx-html", "drop", "truncate", "429"],
+)
+def test_transient_faults_are_retried_and_logged(sim: Simulator, faults: FaultConfig) -> None:
+    sim.faults = faults
+    with capture_logs() as logs:
+        records, _ = drain(client(sim, page_size=100))
+    assert len(records) == 1200
+    retries = [e for e in logs if e["event"] == "api_retry"]
+    assert retries, "expected at least one retry"
+    assert all(e["reason"] and e["attempt"] >= 1 for e in retries)
+    assert TOKEN not in repr(logs)
+
+
+def test_retry_budget_runs_out(sim: Simulator) -> None:
+    sim.faults = FaultConfig(rate_5xx=1.0)
+    with pytest.raises(ApiUnavailable, match="3 attempts") as err:
+        client(sim, max_retries=2).fetch_page(None)
+    assert "HTTP 5" in str(err.value)
+    deadline = time.monotonic() + 2  # the server logs a request after answering it
+    while len(sim.request_log) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(sim.request_log) == 3
+
+
+def test_stop_interrupts_a_retry_wait(sim: Simulator) -> None:
+    from worker.api import Stopped
+
+    sim.faults = FaultConfig(rate_5xx=1.0)
+    stop = threading.Event()
+    c = client(sim, backoff_initial=30, backoff_max=30, stop=stop)
+    threading.Timer(0.3, stop.set).start()
+    started = time.monotonic()
+    with pytest.raises(Stopped):
+        c.fetch_page(None)
+    assert time.monotonic() - started < 5
+
+
+def test_timeout_is_retried(sim: Simulator) -> None:
+    sim.faults = FaultConfig(latency=0.5)
+    c = client(sim, read_timeout=0.1, max_retries=1)
+    with capture_logs() as logs, pytest.raises(ApiUnavailable, match="timeout"):
+        c.fetch_page(None)
+    assert [e["reason"] for e in logs if e["event"] == "api_retry"] == ["timeout"]
+
+
+def test_plain_http_to_a_remote_host_is_refused() -> None:
+    with pytest.raises(ValueError, match="plain http"):
+        SequinClient("http://api.example.com", TOKEN)
+    SequinClient("http://api.example.com", TOKEN, allow_insecure_http=True).close()
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"<html>502 Bad Gateway</html>", "not JSON"),
+        (b"[1, 2]", "not a JSON object"),
+        (b'{"cursor": "x"}', "no 'records' array"),
+        (b'{"records": {}, "cursor": "x"}', "no 'records' array"),
+        (b'{"records": []}', "no 'cursor' string"),
+        (b'{"records": [], "cursor": 5}', "no 'cursor' string"),
+        (b'{"records": [], "cursor": ""}', "no 'cursor' string"),
+        (b'{"records": [', "not JSON"),
+    ],
+)
+def test_malformed_bodies(body: bytes, reason: str) -> None:
+    with pytest.raises(ValueError, match=reason):
+        decode_page(body)
+
+
+def test_bodies_with_lone_surrogate_escapes_and_big_ints_decode() -> None:
+    records, cursor = decode_page(
+        b'{"records": [{"a": "\\ud800", "n": 123456789012345678901234}], "cursor": "c"}'
+    )
+    assert records == [{"a": "\ud800", "n": 123456789012345678901234}] and cursor == "c"
