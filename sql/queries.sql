@@ -83,3 +83,72 @@ UPDATE {schema}.cursors SET delete_mode = %(delete_mode)s WHERE consumer = %(con
 
 -- name: reset_consumer
 DELETE FROM {schema}.cursors WHERE consumer = %(consumer)s
+
+-- name: notify
+-- Delivered to LISTENers only when the transaction commits (and not at all on rollback).
+SELECT pg_notify(%(channel)s, %(payload)s)
+
+-- name: status_consumers
+SELECT c.consumer, c.sync_id, c.provider, c.collection, c.delete_mode, c.cursor,
+       c.records_applied, c.pages_applied, c.last_upstream_updated_at, c.updated_at,
+       c.created_at,
+       (SELECT count(*) FROM {schema}.dead_letters d WHERE d.consumer = c.consumer) AS dead_letters
+FROM {schema}.cursors c
+ORDER BY c.consumer
+
+-- name: status_collections
+SELECT collection_id,
+       count(*) FILTER (WHERE NOT deleted) AS live,
+       count(*) FILTER (WHERE deleted) AS deleted,
+       max(upstream_updated_at) AS newest
+FROM {schema}.records
+GROUP BY collection_id
+ORDER BY collection_id
+
+-- name: lock_holder
+-- The session holding a bigint advisory lock shows classid = high 32 bits, objid = low 32
+-- bits and objsubid = 1 in pg_locks.
+SELECT l.pid, a.application_name, a.client_addr::text, a.backend_start
+FROM pg_locks l
+LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND l.classid::bigint = %(hi)s AND l.objid::bigint = %(lo)s
+
+-- name: view_key_types
+-- Top-level keys of a collection's live rows and the JSON types seen, over its most recent
+-- rows (a sample, so that a refresh stays cheap on large tables).
+WITH sample AS (
+    SELECT data FROM {schema}.records
+    WHERE collection_id = %(collection)s AND NOT deleted AND jsonb_typeof(data) = 'object'
+    ORDER BY upstream_updated_at DESC
+    LIMIT %(sample)s
+)
+SELECT e.key,
+       jsonb_typeof(e.value) AS type,
+       bool_and(jsonb_typeof(e.value) <> 'string'
+                OR (e.value #>> '{{}}') ~ '^\d{{4}}-\d{{2}}-\d{{2}}[T ]\d{{2}}:\d{{2}}(:\d{{2}}(\.\d+)?)?(Z|[+-]\d{{2}}(:?\d{{2}})?)$') AS timestamps
+FROM sample, jsonb_each(sample.data) AS e(key, value)
+GROUP BY e.key, jsonb_typeof(e.value)
+ORDER BY e.key
+
+-- name: collections_present
+SELECT DISTINCT collection_id FROM {schema}.records ORDER BY collection_id
+
+-- name: view_of_collection
+SELECT view_name FROM {schema}.views WHERE collection_id = %(collection)s
+
+-- name: view_is_ours
+SELECT 1 FROM {schema}.views WHERE view_name = %(view)s
+
+-- name: views_known
+SELECT collection_id FROM {schema}.views
+
+-- name: view_register
+INSERT INTO {schema}.views (view_name, collection_id, columns)
+VALUES (%(view)s, %(collection)s, %(columns)s)
+ON CONFLICT (view_name) DO UPDATE SET columns = EXCLUDED.columns, refreshed_at = now()
+
+-- name: relation_exists
+SELECT 1 FROM pg_class c JOIN pg_namespace s ON s.oid = c.relnamespace
+WHERE s.nspname = %(schema)s AND c.relname = %(name)s

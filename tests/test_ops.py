@@ -59,7 +59,12 @@ def test_endpoints_in_process(sim: Simulator, db: str) -> None:
     state, metrics = LoopState(), Metrics("default")
     pings = {"ok": True}
     ops = OpsServer(
-        "127.0.0.1", 0, metrics=metrics, state=state, db_ping=lambda: pings["ok"], heartbeat_timeout=5
+        "127.0.0.1",
+        0,
+        metrics=metrics,
+        state=state,
+        db_ping=lambda: pings["ok"],
+        heartbeat_timeout=5,
     ).start()
     base = f"http://127.0.0.1:{ops.port}"
     try:
@@ -67,7 +72,9 @@ def test_endpoints_in_process(sim: Simulator, db: str) -> None:
         stop = threading.Event()
         sim.append_raw('{"not": "a record"}')
         t = threading.Thread(
-            target=run_consumer, args=(settings(sim, db), "run", stop), kwargs={"state": state, "metrics": metrics}
+            target=run_consumer,
+            args=(settings(sim, db), "run", stop),
+            kwargs={"state": state, "metrics": metrics},
         )
         t.start()
         wait_for(lambda: state.caught_up)
@@ -87,7 +94,9 @@ def test_endpoints_in_process(sim: Simulator, db: str) -> None:
         assert health.status_code == 200 and health.json()["leader"] is True
         assert requests.get(f"{base}/readyz", timeout=5).status_code == 200
         pings["ok"] = False
-        assert requests.get(f"{base}/readyz", timeout=5).json()["reason"] == "database does not answer"
+        assert (
+            requests.get(f"{base}/readyz", timeout=5).json()["reason"] == "database does not answer"
+        )
         stop.set()
         t.join(15)
         assert not t.is_alive()
@@ -107,11 +116,18 @@ def test_two_processes_of_one_consumer_one_leader(sim: Simulator, db: str) -> No
     procs = [spawn_cli(["run"], worker_env(sim, db, SEQUIN_HTTP_PORT=str(p))) for p in ports]
     try:
         for p in ports:
-            wait_for(lambda p=p: requests.get(f"http://127.0.0.1:{p}/readyz", timeout=2).status_code == 200)
+            wait_for(
+                lambda p=p: (
+                    requests.get(f"http://127.0.0.1:{p}/readyz", timeout=2).status_code == 200
+                )
+            )
 
         def leaders() -> list[float]:
             return [
-                metric(requests.get(f"http://127.0.0.1:{p}/metrics", timeout=2).text, "sequin_worker_leader")
+                metric(
+                    requests.get(f"http://127.0.0.1:{p}/metrics", timeout=2).text,
+                    "sequin_worker_leader",
+                )
                 for p in ports
             ]
 
@@ -121,11 +137,13 @@ def test_two_processes_of_one_consumer_one_leader(sim: Simulator, db: str) -> No
         leader = ports[leaders().index(1.0)]
         text = requests.get(f"http://127.0.0.1:{leader}/metrics", timeout=2).text
         wait_for(
-            lambda: metric(
-                requests.get(f"http://127.0.0.1:{leader}/metrics", timeout=2).text,
-                "sequin_worker_records_received_total",
+            lambda: (
+                metric(
+                    requests.get(f"http://127.0.0.1:{leader}/metrics", timeout=2).text,
+                    "sequin_worker_records_received_total",
+                )
+                == 2000
             )
-            == 2000
         )
         assert text
     finally:

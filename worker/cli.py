@@ -13,6 +13,7 @@ Exit codes (also in the README):
 5   the API stayed unavailable through the retry budget (SEQUIN_MAX_RETRIES)
 6   the database stayed unreachable through the retry budget, or a migration failed
 7   ``backfill --no-wait``: another process is syncing this consumer
+8   ``check``: at least one check failed
 ==  ===========================================================================
 """
 
@@ -27,6 +28,7 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import NoReturn
 
+import orjson
 import psycopg
 import structlog
 
@@ -34,7 +36,9 @@ from worker import __version__, logs
 from worker.api import ApiUnavailable, RequestRejected, Stopped, TokenRejected
 from worker.config import ConfigError, Settings, load_settings
 from worker.metrics import Metrics
+from worker.migrations import migrate
 from worker.ops import OpsServer
+from worker.status import Progress, SchemaMissing
 from worker.store import ConsumerMismatch, StoreUnavailable
 from worker.sync import DatabaseUnavailable, LoopState, ProtocolViolation, Totals
 
@@ -48,6 +52,7 @@ EXIT_REJECTED = 4
 EXIT_API_DOWN = 5
 EXIT_DB = 6
 EXIT_BUSY = 7
+EXIT_CHECK = 8
 
 
 class Exit(Exception):
@@ -112,10 +117,15 @@ def cmd_sync(args: argparse.Namespace, mode: str) -> int:
         delete_mode=settings.delete_mode,
     )
     state = LoopState()
+    totals = Totals()
     metrics = Metrics(settings.consumer, __version__)
     ops = None
     if mode == "run" and settings.http_port:
         ops = _start_ops(settings, state, metrics)
+    progress = None
+    if mode == "backfill":
+        tty = logs.renders_for_humans(settings.log_format)
+        progress = Progress(totals, state, tty=tty).start()
     try:
         outcome = run_consumer(
             settings,
@@ -124,12 +134,17 @@ def cmd_sync(args: argparse.Namespace, mode: str) -> int:
             wait_for_lock=not getattr(args, "no_wait", False),
             state=state,
             metrics=metrics,
+            totals=totals,
+            # On a TTY the progress line says it all; per-batch events would scroll it away.
+            batch_log_level="debug" if progress is not None and progress.tty else "info",
         )
     except ConsumerBusy as exc:
         raise Exit(EXIT_BUSY, str(exc)) from None
     finally:
         if ops is not None:
             ops.stop()
+        if progress is not None:
+            progress.stop()
     if mode == "backfill":
         if outcome.caught_up:
             print(summary_line(outcome.totals), flush=True)
@@ -167,7 +182,6 @@ def _start_ops(settings: Settings, state: LoopState, metrics: Metrics) -> OpsSer
 
 
 def cmd_migrate(_args: argparse.Namespace) -> int:
-    from worker.migrations import migrate
     from worker.store import connect
 
     settings = _settings(("database_url",))
@@ -199,6 +213,51 @@ def cmd_reset(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from worker.status import read_status, render_status
+    from worker.store import connect
+
+    settings = _settings(("database_url",))
+    assert settings.database_url is not None
+    with connect(settings.database_url.get_secret_value(), autocommit=True) as conn:
+        status = read_status(conn, settings.db_schema)
+    if args.json:
+        print(orjson.dumps(status.as_json(), option=orjson.OPT_INDENT_2).decode())
+    else:
+        print(render_status(status))
+    return EXIT_OK
+
+
+def cmd_views(_args: argparse.Namespace) -> int:
+    from worker.status import schema_exists
+    from worker.store import connect
+    from worker.views import refresh_views
+
+    settings = _settings(("database_url",))
+    assert settings.database_url is not None
+    with connect(settings.database_url.get_secret_value(), autocommit=True) as conn:
+        if not schema_exists(conn, settings.db_schema):
+            raise SchemaMissing(
+                f"schema {settings.db_schema!r} has no worker tables: run `sequin-worker migrate`"
+            )
+        migrate(conn, settings.db_schema)  # the views registry arrived in a later migration
+        done = refresh_views(conn, settings.db_schema)
+    for r in done:
+        if r.skipped:
+            print(f"skipped {settings.db_schema}.{r.view} ({r.collection_id}): {r.skipped}")
+        else:
+            print(f"{settings.db_schema}.{r.view}: {r.collection_id}, {r.columns} data columns")
+    if not done:
+        print("no collections yet: nothing to do")
+    return EXIT_OK
+
+
+def cmd_check(_args: argparse.Namespace) -> int:
+    from worker.check import run_checks
+
+    return EXIT_OK if run_checks() else EXIT_CHECK
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from worker import simulator
 
@@ -226,6 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="exit 7 instead of waiting when another process is syncing this consumer",
     )
     sub.add_parser("migrate", help="apply pending migrations and exit")
+    p = sub.add_parser("status", help="where each consumer stands; rows per collection")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    sub.add_parser("views", help="create or refresh the per-collection views")
+    sub.add_parser("check", help="check settings, API token, database and migrations")
     p = sub.add_parser("reset", help="delete a consumer's cursor so that it starts over")
     p.add_argument("--consumer", help="consumer name (default: SEQUIN_CONSUMER)")
     p.add_argument("--yes", action="store_true", help="really do it")
@@ -244,6 +307,9 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": lambda a: cmd_sync(a, "run"),
     "backfill": lambda a: cmd_sync(a, "backfill"),
     "migrate": cmd_migrate,
+    "status": cmd_status,
+    "views": cmd_views,
+    "check": cmd_check,
     "reset": cmd_reset,
     "simulate": cmd_simulate,
     "demo": cmd_demo,
@@ -275,6 +341,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _fail(EXIT_API_DOWN, str(exc))
     except (DatabaseUnavailable, StoreUnavailable) as exc:
         _fail(EXIT_DB, f"database: {exc}")
+    except SchemaMissing as exc:
+        _fail(EXIT_DB, str(exc))
     except psycopg.Error as exc:
         _fail(EXIT_DB, f"database error: {str(exc).strip().splitlines()[0]}")
     except Stopped:

@@ -25,6 +25,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+NOTIFY_CHANNEL = "sequin_worker"
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 
@@ -97,6 +98,7 @@ class Settings(BaseSettings):
     http_host: str = Field("0.0.0.0", validation_alias=_env("SEQUIN_HTTP_HOST"))  # noqa: S104
     heartbeat_timeout: float = Field(120.0, gt=0, validation_alias=_env("SEQUIN_HEARTBEAT_TIMEOUT"))
     notify: bool = Field(False, validation_alias=_env("SEQUIN_NOTIFY"))
+    auto_views: bool = Field(True, validation_alias=_env("SEQUIN_AUTO_VIEWS"))
 
     @field_validator("sync_id", "provider", "collection", mode="before")
     @classmethod

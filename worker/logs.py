@@ -54,6 +54,12 @@ def _json_dumps(obj: Any, **_: Any) -> str:
     return orjson.dumps(obj, default=str).decode()
 
 
+def renders_for_humans(fmt: str, stream: TextIO | None = None) -> bool:
+    """Whether ``fmt`` renders for a person at ``stream`` (console) rather than JSON lines."""
+    out = stream or sys.stderr
+    return fmt == "console" or (fmt == "auto" and out.isatty())
+
+
 def configure(
     level: str = "info",
     fmt: str = "auto",
@@ -64,7 +70,7 @@ def configure(
     for s in secrets:
         add_secret(s)
     out = stream or sys.stderr
-    use_console = fmt == "console" or (fmt == "auto" and out.isatty())
+    use_console = renders_for_humans(fmt, out)
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,

@@ -11,14 +11,16 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import psycopg
 import structlog
 
+from worker import views
 from worker.api import SequinClient
-from worker.config import Settings
+from worker.config import NOTIFY_CHANNEL, Settings
 from worker.lease import Lease
 from worker.locks import consumer_lock_key
 from worker.metrics import Metrics
-from worker.store import ApplyResult, ConsumerConfig, PgStore, StoreUnavailable
+from worker.store import ApplyResult, ConsumerConfig, PgStore, StoreUnavailable, connect
 from worker.sync import DatabaseUnavailable, LoopState, Mode, SyncLoop, Totals
 
 log = structlog.get_logger("worker.service")
@@ -83,6 +85,43 @@ def migrate_with_retry(store: PgStore, settings: Settings, stop: threading.Event
             stop.wait(wait)
 
 
+class ViewKeeper:
+    """Keeps per-collection views current from inside the loop (``SEQUIN_AUTO_VIEWS``).
+
+    A view is created when a collection first appears, and every view is refreshed once when
+    the stream is first caught up (by then the sample holds more than the first page). A
+    failure is logged and never stops the sync: views are a convenience, rows are the
+    product.
+    """
+
+    def __init__(self, dsn: str, schema: str) -> None:
+        self._dsn = dsn
+        self._schema = schema
+        self._known: set[str] | None = None
+
+    def _run(self, collections: list[str] | None) -> None:
+        try:
+            with connect(self._dsn, autocommit=True, application_name="sequin-worker:views") as c:
+                if self._known is None:
+                    self._known = views.known_collections(c, self._schema)
+                if collections is not None:
+                    collections = [x for x in collections if x not in self._known]
+                    if not collections:
+                        return
+                for done in views.refresh_views(c, self._schema, collections):
+                    self._known.add(done.collection_id)
+        except (psycopg.Error, StoreUnavailable) as exc:
+            log.warning("view_refresh_failed", reason=str(exc).splitlines()[0] if str(exc) else "")
+
+    def on_batch(self, result: ApplyResult) -> None:
+        new = {coll for (coll, _) in result.changed}
+        if self._known is None or new - self._known:
+            self._run(sorted(new))
+
+    def on_caught_up(self) -> None:
+        self._run(None)
+
+
 def run_consumer(
     settings: Settings,
     mode: Mode,
@@ -91,18 +130,27 @@ def run_consumer(
     wait_for_lock: bool = True,
     state: LoopState | None = None,
     metrics: Metrics | None = None,
+    totals: Totals | None = None,
+    batch_log_level: str = "info",
 ) -> Outcome:
     """Migrate, lead, sync. Returns when ``stop`` is set or (backfill) when caught up.
 
-    ``state`` and ``metrics``, when given, are kept up to date for the ops endpoint.
+    ``state`` and ``metrics``, when given, are kept up to date for the ops endpoint and the
+    progress display.
     """
     assert settings.database_url is not None
     dsn = settings.database_url.get_secret_value()
-    store = PgStore(dsn, settings.db_schema, consumer_config(settings))
+    store = PgStore(
+        dsn,
+        settings.db_schema,
+        consumer_config(settings),
+        notify_channel=NOTIFY_CHANNEL if settings.notify else None,
+    )
     state = state or LoopState()
     metrics = metrics or Metrics(settings.consumer)
     loop_state = state
     metrics.caught_up.set_function(lambda: 1.0 if loop_state.caught_up else 0.0)
+    keeper = ViewKeeper(dsn, settings.db_schema) if settings.auto_views else None
 
     def on_batch(r: ApplyResult) -> None:
         assert metrics is not None
@@ -114,6 +162,8 @@ def run_consumer(
             dead_by_collection=r.dead_by_collection,
             newest=r.newest,
         )
+        if keeper is not None:
+            keeper.on_batch(r)
 
     state.beat("migrating")
     applied = migrate_with_retry(store, settings, stop)
@@ -127,7 +177,7 @@ def run_consumer(
         retry_interval=settings.lock_retry_interval,
     )
     client_factory = make_client_factory(settings, stop, metrics)
-    totals = Totals()
+    totals = totals or Totals()
     try:
         while not stop.is_set():
             state.beat("standby")
@@ -155,9 +205,11 @@ def run_consumer(
                 prefetch_pages=settings.prefetch_pages,
                 max_db_retries=settings.max_retries,
                 on_batch=on_batch,
+                on_caught_up=keeper.on_caught_up if keeper is not None else None,
                 state=state,
+                totals=totals,
+                batch_log_level=batch_log_level,
             )
-            loop.totals = totals
             try:
                 done = loop.run()
             finally:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
+import orjson
 import psycopg
 import structlog
 
@@ -156,8 +157,16 @@ class PgStore:
     :meth:`connect` again and re-read the position with :meth:`open_consumer`.
     """
 
-    def __init__(self, dsn: str, schema: str, consumer: ConsumerConfig) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        schema: str,
+        consumer: ConsumerConfig,
+        *,
+        notify_channel: str | None = None,
+    ) -> None:
         self._dsn = dsn
+        self.notify_channel = notify_channel
         self.schema = schema
         self.consumer = consumer
         self._conn: Conn | None = None
@@ -174,6 +183,7 @@ class PgStore:
                 "ensure_consumer",
                 "get_consumer",
                 "set_delete_mode",
+                "notify",
             )
         }
 
@@ -323,6 +333,11 @@ class PgStore:
                         for d in dead
                     ],
                 )
+            if self.notify_channel is not None:
+                cur.execute(
+                    self._q["notify"],
+                    {"channel": self.notify_channel, "payload": notify_payload(c.name, result)},
+                )
         self._position = batch.cursor
         result.seconds = time.perf_counter() - started
         return result
@@ -353,6 +368,27 @@ class PgStore:
             for coll, is_del, n in cur.fetchall():
                 changed[(coll, is_del)] += n
         return changed
+
+
+NOTIFY_LIMIT = 7900  # Postgres refuses payloads of 8000 bytes or more
+
+
+def notify_payload(consumer: str, result: ApplyResult) -> str:
+    """The JSON sent with NOTIFY after a commit: consumer, cursor, rows changed per
+    collection, dead letters. Kept under Postgres' payload limit (``changed`` is dropped and
+    ``truncated`` set when it would not fit)."""
+    doc: dict[str, object] = {
+        "consumer": consumer,
+        "cursor": result.cursor,
+        "changed": result.by_collection,
+        "dead_lettered": result.dead_lettered,
+    }
+    text = orjson.dumps(doc).decode()
+    if len(text.encode()) > NOTIFY_LIMIT:
+        doc["changed"] = {}
+        doc["truncated"] = True
+        text = orjson.dumps(doc).decode()
+    return text
 
 
 def _fmt(filters: dict[str, str | None]) -> str:

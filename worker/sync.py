@@ -242,7 +242,10 @@ class SyncLoop:
         prefetch_pages: int = 4,
         max_db_retries: int = 20,
         on_batch: Callable[[ApplyResult], None] | None = None,
+        on_caught_up: Callable[[], None] | None = None,
         state: LoopState | None = None,
+        totals: Totals | None = None,
+        batch_log_level: str = "info",
     ) -> None:
         self._source_factory = source_factory
         self._sink = sink
@@ -253,8 +256,10 @@ class SyncLoop:
         self._depth = prefetch_pages
         self._max_db_retries = max_db_retries
         self._on_batch = on_batch
+        self._on_caught_up = on_caught_up
+        self._batch_log = getattr(log, batch_log_level)
         self.state = state or LoopState()
-        self.totals = Totals()
+        self.totals = totals or Totals()
 
     def run(self) -> bool:
         """Sync until stopped (returns False) or, in backfill mode, caught up (True)."""
@@ -324,6 +329,8 @@ class SyncLoop:
                 if fetched[-1].caught_up:
                     if not self.state.caught_up:
                         log.info("caught_up", cursor=position, **self._totals_fields())
+                        if self._on_caught_up is not None:
+                            self._on_caught_up()
                     self.state.caught_up = True
                     self.state.beat("caught_up")
                     if self.mode == "backfill":
@@ -348,7 +355,7 @@ class SyncLoop:
                 result.newest, self.state.newest_applied or result.newest
             )
         self.state.cursor = batch.cursor
-        log.info(
+        self._batch_log(
             "page_applied",
             pages=result.pages,
             records=result.received,

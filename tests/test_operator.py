@@ -1,0 +1,356 @@
+"""Operator experience: status, per-collection views, progress, NOTIFY, check."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pty
+import select
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import psycopg
+import pytest
+from structlog.testing import capture_logs
+
+from tests.conftest import fetch_one
+from tests.helpers import ROOT, TOKEN, run_cli, settings, worker_env
+from worker.service import run_consumer
+from worker.simulator import FaultConfig, Simulator
+from worker.status import Progress, human_duration
+from worker.sync import LoopState, Totals
+from worker.views import infer_type, plan_columns, sanitise_name, view_name
+
+
+@pytest.fixture
+def sim() -> Iterator[Simulator]:
+    with Simulator(token=TOKEN, seed=31, records=1500) as s:
+        yield s
+
+
+def backfill(sim: Simulator, dsn: str, **over: object) -> None:
+    run_consumer(settings(sim, dsn, **over), "backfill", threading.Event())
+
+
+# -- status ---------------------------------------------------------------------------------
+
+
+def test_status_json_and_table(sim: Simulator, db: str) -> None:
+    backfill(sim, db, SEQUIN_PROVIDER="stripe", SEQUIN_CONSUMER="stripe-only")
+    sim.append_raw('{"collection_id": "stripe:customer", "upstream_id": 5}')
+    backfill(sim, db, SEQUIN_PROVIDER="stripe", SEQUIN_CONSUMER="stripe-only")
+    env = worker_env(sim, db)
+    proc = run_cli(["status", "--json"], env)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    (c,) = doc["consumers"]
+    assert c["consumer"] == "stripe-only"
+    assert c["filters"] == {"provider": "stripe"}
+    assert c["records_applied"] == sim.record_count(provider="stripe")
+    assert c["dead_letters"] == 1
+    assert c["leader_alive"] is False
+    assert c["lag_seconds"] > 0
+    assert c["cursor"]
+    colls = {x["collection_id"]: x for x in doc["collections"]}
+    expected = sim.expected_state(provider="stripe")
+    for coll, x in colls.items():
+        assert x["live"] == sum(1 for k, v in expected.items() if k[0] == coll and not v["deleted"])
+        assert x["deleted"] == sum(1 for k, v in expected.items() if k[0] == coll and v["deleted"])
+    text = run_cli(["status"], env)
+    assert text.returncode == 0
+    assert "stripe-only" in text.stdout and "provider=stripe" in text.stdout
+    assert "stripe:customer" in text.stdout and "leader" in text.stdout
+
+
+def test_status_shows_the_live_leader(sim: Simulator, db: str) -> None:
+    stop = threading.Event()
+    state = LoopState()
+    t = threading.Thread(
+        target=run_consumer, args=(settings(sim, db), "run", stop), kwargs={"state": state}
+    )
+    t.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not state.caught_up and time.monotonic() < deadline:
+            time.sleep(0.05)
+        doc = json.loads(run_cli(["status", "--json"], worker_env(sim, db)).stdout)
+        (c,) = doc["consumers"]
+        assert c["leader_alive"] is True
+        assert c["leader"]["application_name"] == "sequin-worker-lock:default"
+    finally:
+        stop.set()
+        t.join(15)
+
+
+def test_status_without_schema_or_database(sim: Simulator, empty_db: str) -> None:
+    proc = run_cli(["status"], worker_env(sim, empty_db))
+    assert proc.returncode == 6
+    assert "sequin-worker migrate" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli(["status"], worker_env(sim, "postgresql://x@127.0.0.1:1/none"))
+    assert proc.returncode == 6 and "Traceback" not in proc.stderr
+
+
+def test_human_duration() -> None:
+    assert [human_duration(s) for s in (None, 5, 600, 7200, 86400 * 3)] == [
+        "-",
+        "5 s",
+        "10 min",
+        "2.0 h",
+        "3 d",
+    ]
+
+
+# -- views ----------------------------------------------------------------------------------
+
+
+def test_view_rules_are_pure() -> None:
+    assert view_name("stripe:subscription") == "stripe_subscription"
+    assert view_name("Sales-Force:Task Item") == "sales_force_task_item"
+    assert view_name('x"; drop table y;--') == "x_drop_table_y"
+    assert view_name("records") == "records_view"
+    assert sanitise_name("9lives") == "_9lives"
+    assert sanitise_name("日本") == "col"
+    assert len(sanitise_name("a" * 200)) == 63
+    assert infer_type({"number"}, True) == "numeric"
+    assert infer_type({"string"}, True) == "timestamptz"
+    assert infer_type({"string"}, False) == "text"
+    assert infer_type({"string", "null"}, False) == "text"
+    assert infer_type({"object"}, True) == "jsonb"
+    assert infer_type({"array", "string"}, False) == "jsonb"
+    assert infer_type({"number", "string"}, False) == "text"
+    assert infer_type({"null"}, True) == "text"
+    cols = plan_columns(
+        [("upstream_id", "string", False), ("A b", "number", True), ("a_b", "boolean", True)]
+    )
+    assert [(c.name, c.key, c.pg_type) for c in cols] == [
+        ("a_b", "A b", "numeric"),
+        ("a_b_2", "a_b", "boolean"),
+        ("data_upstream_id", "upstream_id", "text"),
+    ]
+
+
+def _columns(dsn: str, view: str) -> dict[str, str]:
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT column_name, data_type FROM information_schema.columns "
+            "WHERE table_schema = 'sequin' AND table_name = %s ORDER BY ordinal_position",
+            (view,),
+        ).fetchall()
+    return dict(rows)  # type: ignore[arg-type]
+
+
+def test_views_expose_typed_columns_over_live_rows(sim: Simulator, db: str) -> None:
+    ts = "2030-01-01T00:00:00Z"
+    sim.append(
+        [
+            sim.make_record(
+                "acme:widget",
+                "w1",
+                ts,
+                {
+                    "name": "a",
+                    "price": 1.5,
+                    "active": True,
+                    "made_at": "2029-05-01T10:00:00Z",
+                    "tags": ["x"],
+                    "meta": {"k": 1},
+                },
+            ),
+            sim.make_record(
+                "acme:widget",
+                "w2",
+                ts,
+                {
+                    "name": "b",
+                    "price": 2,
+                    "active": False,
+                    "made_at": "2029-05-02T10:00:00+02:00",
+                    "tags": [],
+                    "meta": None,
+                },
+            ),
+            sim.make_record("acme:widget", "w3", ts, {"name": "gone"}, deleted=True),
+        ]
+    )
+    backfill(sim, db)  # auto views: created when collections appear, refreshed at catch-up
+    cols = _columns(db, "acme_widget")
+    assert cols == {
+        "upstream_id": "text",
+        "upstream_updated_at": "timestamp with time zone",
+        "active": "boolean",
+        "made_at": "timestamp with time zone",
+        "meta": "jsonb",
+        "name": "text",
+        "price": "numeric",
+        "tags": "jsonb",
+    }
+    with psycopg.connect(db) as conn:
+        rows = conn.execute(
+            "SELECT upstream_id, price, active, made_at FROM sequin.acme_widget ORDER BY 1"
+        ).fetchall()
+    assert [r[0] for r in rows] == ["w1", "w2"]  # w3 is deleted
+    assert float(rows[0][1]) == 1.5 and rows[1][2] is False
+    assert rows[1][3] == datetime(2029, 5, 2, 8, 0, tzinfo=UTC)
+    for coll in {k[0] for k in sim.expected_state()}:
+        assert _columns(db, view_name(coll)), coll
+
+
+def test_views_follow_the_json_after_a_refresh(sim: Simulator, db: str) -> None:
+    backfill(sim, db)
+    assert "rating" not in _columns(db, "hubspot_deal")
+    sim.append([sim.make_record("hubspot:deal", "d-new", "2031-01-01T00:00:00Z", {"rating": 5})])
+    backfill(sim, db)
+    proc = run_cli(["views"], worker_env(sim, db))
+    assert proc.returncode == 0, proc.stderr
+    assert "sequin.hubspot_deal: hubspot:deal" in proc.stdout
+    assert _columns(db, "hubspot_deal")["rating"] == "numeric"
+
+
+def test_hostile_names_are_sanitised_and_quoted(sim: Simulator, db: str) -> None:
+    evil = 'x"; drop table y;--'
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute("CREATE TABLE public.y (id int)")
+    sim.append(
+        [sim.make_record(f"{evil}:{evil}", evil, "2031-01-01T00:00:00Z", {evil: "v", "ok": 1})]
+    )
+    backfill(sim, db)
+    assert fetch_one(db, "SELECT to_regclass('public.y') IS NOT NULL") == (True,)
+    name = view_name(f"{evil}:{evil}")
+    cols = _columns(db, name)
+    assert cols["x_drop_table_y"] == "text" and cols["ok"] == "numeric"
+    with psycopg.connect(db) as conn:
+        assert conn.execute(f'SELECT x_drop_table_y FROM sequin."{name}"').fetchall() == [("v",)]
+
+
+def test_a_relation_that_is_not_ours_is_left_alone(sim: Simulator, db: str) -> None:
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute("CREATE TABLE sequin.stripe_customer (mine int)")
+    backfill(sim, db)
+    assert _columns(db, "stripe_customer") == {"mine": "integer"}
+    proc = run_cli(["views"], worker_env(sim, db))
+    assert proc.returncode == 0
+    assert "skipped sequin.stripe_customer" in proc.stdout
+
+
+# -- progress -------------------------------------------------------------------------------
+
+
+def test_progress_event_in_json_mode() -> None:
+    totals, state = Totals(), LoopState()
+    totals.received, totals.dead_lettered = 1234, 2
+    state.newest_applied = datetime.now(UTC) - timedelta(hours=3)
+    with capture_logs() as logs:
+        Progress(totals, state, tty=False).emit()
+    (event,) = logs
+    assert event["event"] == "progress"
+    assert event["records"] == 1234 and event["dead_lettered"] == 2
+    assert 3 * 3600 - 5 < event["lag_s"] < 3 * 3600 + 5
+
+
+def test_progress_line_on_a_tty() -> None:
+    out = io.StringIO()
+    totals, state = Totals(), LoopState()
+    totals.received = 5000
+    state.newest_applied = datetime.now(UTC) - timedelta(days=2)
+    Progress(totals, state, tty=True, stream=out).emit()
+    line = out.getvalue()
+    assert line.startswith("\r\x1b[K") and "5,000 records" in line and "2 d behind now" in line
+    assert "%" not in line  # no fake percentage: the API gives no total
+
+
+def test_backfill_shows_a_live_progress_line_on_a_terminal(db: str) -> None:
+    with Simulator(token=TOKEN, seed=4, records=3000, faults=FaultConfig(latency=0.05)) as sim:
+        env = worker_env(sim, db, SEQUIN_LOG_FORMAT="auto", SEQUIN_PAGE_SIZE="100")
+        main, child = pty.openpty()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "worker", "backfill"],
+            env=env,
+            cwd=ROOT,
+            stdin=child,
+            stdout=child,
+            stderr=child,
+            close_fds=True,
+        )
+        os.close(child)
+        output = b""
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([main], [], [], 0.5)
+            if ready:
+                try:
+                    chunk = os.read(main, 65536)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                output += chunk
+            elif proc.poll() is not None:
+                break
+        proc.wait(30)
+        os.close(main)
+    text = output.decode(errors="replace")
+    assert proc.returncode == 0, text
+    assert "\r\x1b[Kbackfill: " in text and "/s, reached " in text
+    assert "backfill complete: 3000 records" in text
+    assert "page_applied" not in text  # per-batch events stay out of the way on a terminal
+
+
+# -- notifications --------------------------------------------------------------------------
+
+
+def test_notify_after_each_commit(sim: Simulator, db: str) -> None:
+    listener = psycopg.connect(db, autocommit=True)
+    listener.execute("LISTEN sequin_worker")
+    backfill(sim, db, SEQUIN_NOTIFY=True, SEQUIN_PAGE_SIZE=500, SEQUIN_BATCH_MAX_RECORDS=500)
+    payloads = [json.loads(n.payload) for n in listener.notifies(timeout=1.0)]
+    listener.close()
+    assert len(payloads) == 3  # 1500 records, one page per batch
+    assert all(p["consumer"] == "default" for p in payloads)
+    assert payloads[-1]["cursor"] == fetch_one(db, "SELECT cursor FROM sequin.cursors")[0]  # type: ignore[index]
+    changed = sum(sum(p["changed"].values()) for p in payloads)
+    assert changed > 0 and set().union(*(p["changed"] for p in payloads)) <= {
+        k[0] for k in sim.expected_state()
+    }
+
+
+def test_no_notify_when_off(sim: Simulator, db: str) -> None:
+    listener = psycopg.connect(db, autocommit=True)
+    listener.execute("LISTEN sequin_worker")
+    backfill(sim, db)
+    assert list(listener.notifies(timeout=0.5)) == []
+    listener.close()
+
+
+# -- check ----------------------------------------------------------------------------------
+
+
+def test_check_all_green(sim: Simulator, db: str) -> None:
+    proc = run_cli(["check"], worker_env(sim, db))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert [line.split(" ", 2)[:2] for line in lines] == [
+        ["✓", "configuration:"],
+        ["✓", "API:"],
+        ["✓", "database:"],
+        ["✓", "migrations:"],
+        ["✓", "consumer:"],
+    ]
+
+
+def test_check_reports_each_failure_with_a_hint(sim: Simulator, empty_db: str) -> None:
+    proc = run_cli(["check"], worker_env(sim, empty_db, SEQUIN_API_TOKEN="sk-bad-token-xyz"))
+    assert proc.returncode == 8
+    out = proc.stdout
+    assert "✗ API: the Sequin API rejected the token" in out
+    assert "✗ migrations: schema sequin: pending" in out and "sequin-worker migrate" in out
+    assert out.count("hint:") == 2
+    assert "sk-bad-token-xyz" not in out + proc.stderr
+    proc = run_cli(["check"], worker_env(sim, "postgresql://x@127.0.0.1:1/none"))
+    assert proc.returncode == 8 and "✗ database:" in proc.stdout
+    proc = run_cli(["check"], worker_env(sim, empty_db, SEQUIN_PAGE_SIZE="x"))
+    assert proc.returncode == 8 and "✗ configuration: SEQUIN_PAGE_SIZE" in proc.stdout

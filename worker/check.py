@@ -1,0 +1,133 @@
+"""``sequin-worker check``: the first thing to run after writing ``.env``.
+
+Each check prints one line, ✓ or ✗, and a hint when it fails: the settings, the API with the
+token (one request, ``limit=1``), the database, the migrations, and the consumer's stored
+filters. Returns True only when every check passes. Nothing is written: pending migrations
+are reported, not applied.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from typing import TextIO
+
+import psycopg
+
+from worker import migrations, sqlfiles
+from worker.api import ApiError, RequestRejected, SequinClient, Stopped, TokenRejected
+from worker.config import ConfigError, Settings, load_settings
+from worker.store import StoreUnavailable, connect
+
+OK, FAIL = "✓", "✗"
+
+
+class Checks:
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.failed = 0
+
+    def ok(self, what: str, detail: str) -> None:
+        print(f"{OK} {what}: {detail}", file=self.out, flush=True)
+
+    def fail(self, what: str, detail: str, hint: str) -> None:
+        self.failed += 1
+        print(f"{FAIL} {what}: {detail}\n    hint: {hint}", file=self.out, flush=True)
+
+
+def run_checks(
+    out: TextIO | None = None,
+    settings_loader: Callable[[], Settings] | None = None,
+) -> bool:
+    c = Checks(out or sys.stdout)
+    try:
+        settings = (settings_loader or _load)()
+    except ConfigError as exc:
+        for line in exc.problems:
+            c.fail("configuration", line, "fix it in the environment or .env (see .env.example)")
+        return False
+    filters = ", ".join(f"{k}={v}" for k, v in settings.filters.items() if v) or "no filters"
+    c.ok(
+        "configuration",
+        f"consumer {settings.consumer!r} ({filters}), schema {settings.db_schema}, "
+        f"{settings.delete_mode} deletes, API {settings.base_url}",
+    )
+    _check_api(c, settings)
+    _check_database(c, settings)
+    return c.failed == 0
+
+
+def _load() -> Settings:
+    return load_settings(require=("api_token", "database_url"))
+
+
+def _check_api(c: Checks, settings: Settings) -> None:
+    assert settings.api_token is not None
+    client = SequinClient(
+        settings.base_url,
+        settings.api_token.get_secret_value(),
+        filters=settings.filters,
+        page_size=1,
+        connect_timeout=settings.connect_timeout,
+        read_timeout=min(settings.read_timeout, 30),
+        max_retries=0,
+        allow_insecure_http=settings.allow_insecure_http,
+    )
+    started = time.perf_counter()
+    try:
+        page = client.fetch_page(None)
+    except TokenRejected as exc:
+        c.fail("API", str(exc), "create or copy the token again in the Sequin console")
+    except RequestRejected as exc:
+        c.fail("API", str(exc), "check SEQUIN_SYNC_ID / SEQUIN_PROVIDER / SEQUIN_COLLECTION")
+    except (ApiError, Stopped) as exc:
+        c.fail("API", str(exc), f"is {settings.base_url} reachable from here?")
+    else:
+        ms = (time.perf_counter() - started) * 1000
+        c.ok("API", f"token accepted, {len(page.records)} record(s) in the first page, {ms:.0f} ms")
+    finally:
+        client.close()
+
+
+def _check_database(c: Checks, settings: Settings) -> None:
+    assert settings.database_url is not None
+    try:
+        conn = connect(settings.database_url.get_secret_value(), autocommit=True)
+    except StoreUnavailable as exc:
+        c.fail("database", str(exc), "check DATABASE_URL; is Postgres running and reachable?")
+        c.fail("migrations", "not checked", "the database must answer first")
+        return
+    with conn:
+        row = conn.execute("SHOW server_version").fetchone()
+        c.ok("database", f"connected, PostgreSQL {row[0] if row else '?'}")
+        try:
+            pending = migrations.pending(conn, settings.db_schema)
+        except psycopg.Error as exc:
+            c.fail("migrations", str(exc).splitlines()[0], "does the role have access to it?")
+            return
+        if pending:
+            c.fail(
+                "migrations",
+                f"schema {settings.db_schema}: pending {pending}",
+                "run `sequin-worker migrate` (run and backfill also migrate at start)",
+            )
+            return
+        c.ok("migrations", f"schema {settings.db_schema} is up to date")
+        row = conn.execute(
+            sqlfiles.query("get_consumer", settings.db_schema), {"consumer": settings.consumer}
+        ).fetchone()
+        if row is None:
+            c.ok("consumer", f"{settings.consumer!r} is new: the first run starts at the beginning")
+            return
+        stored = {"sync_id": row[2], "provider": row[3], "collection": row[4]}
+        if stored != settings.filters:
+            c.fail(
+                "consumer",
+                f"{settings.consumer!r} was created with other filters "
+                f"{ {k: v for k, v in stored.items() if v} }",
+                f"use another SEQUIN_CONSUMER or `sequin-worker reset --consumer "
+                f"{settings.consumer} --yes`",
+            )
+            return
+        c.ok("consumer", f"{settings.consumer!r} resumes at cursor {row[1]!r}")
