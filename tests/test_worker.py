@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -293,3 +295,53 @@ def _wait_for(cond, timeout: float = 60) -> None:  # type: ignore[no-untyped-def
             return
         time.sleep(0.1)
     raise AssertionError("condition not met in time")
+
+
+def test_cli_simulate_serves_and_stops_on_sigterm(tmp_path: object) -> None:
+    import requests
+
+    from tests.helpers import ROOT
+    from tests.test_ops import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "worker",
+            "simulate",
+            "--port",
+            str(port),
+            "--records",
+            "50",
+            "--token",
+            "tok-sim",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/v1/records"
+        _wait_for(lambda: _answers(url))
+        body = requests.get(
+            url, params={"limit": 500}, headers={"Authorization": "Bearer tok-sim"}, timeout=5
+        ).json()
+        assert len(body["records"]) == 50
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=15)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    assert f"http://127.0.0.1:{port}" in out + err
+
+
+def _answers(url: str) -> bool:
+    import requests
+
+    try:
+        requests.get(url, timeout=1)
+    except requests.ConnectionError:
+        return False
+    return True

@@ -228,7 +228,7 @@ class SequinClient:
             return retrying(self._fetch_once, after_cursor)
         except _Retryable as exc:
             raise ApiUnavailable(
-                f"the Sequin API kept failing ({self._max_retries + 1} attempts); "
+                f"the Sequin API kept failing ({_attempts(self._max_retries + 1)}); "
                 f"last error: {exc.reason}"
             ) from None
 
@@ -310,6 +310,10 @@ class SequinClient:
         )
         if self._on_retry is not None:
             self._on_retry(reason.split(":", 1)[0])
+
+
+def _attempts(n: int) -> str:
+    return "1 attempt" if n == 1 else f"{n} attempts"
 
 
 def _connection_reason(exc: requests.ConnectionError) -> str:

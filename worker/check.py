@@ -130,4 +130,5 @@ def _check_database(c: Checks, settings: Settings) -> None:
                 f"{settings.consumer} --yes`",
             )
             return
-        c.ok("consumer", f"{settings.consumer!r} resumes at cursor {row[1]!r}")
+        where = f"cursor {row[1]!r}" if row[1] is not None else "the beginning (no cursor yet)"
+        c.ok("consumer", f"{settings.consumer!r} resumes at {where}")

@@ -258,12 +258,6 @@ def cmd_check(_args: argparse.Namespace) -> int:
     return EXIT_OK if run_checks() else EXIT_CHECK
 
 
-def cmd_simulate(args: argparse.Namespace) -> int:
-    from worker import simulator
-
-    return simulator.main(list(args.rest))
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     from worker.demo import main as demo_main
 
@@ -311,7 +305,6 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "views": cmd_views,
     "check": cmd_check,
     "reset": cmd_reset,
-    "simulate": cmd_simulate,
     "demo": cmd_demo,
 }
 
@@ -322,6 +315,12 @@ def _fail(code: int, message: str) -> NoReturn:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["simulate"]:
+        # The simulator parses its own options (argparse's REMAINDER would not pass them on).
+        from worker import simulator
+
+        return simulator.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
