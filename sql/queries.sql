@@ -65,6 +65,16 @@ UPDATE {schema}.cursors SET
     last_upstream_updated_at = GREATEST(last_upstream_updated_at, %(newest)s)
 WHERE consumer = %(consumer)s AND cursor IS NOT DISTINCT FROM %(expected)s
 
+-- name: adjust_counts
+-- After a batch applied row by row: rows Postgres refused became dead letters.
+UPDATE {schema}.cursors SET
+    records_applied = records_applied - %(refused)s,
+    dead_letters = dead_letters + %(refused)s
+WHERE consumer = %(consumer)s
+
+-- name: clear_stage
+DELETE FROM sequin_stage
+
 -- name: insert_dead_letter
 INSERT INTO {schema}.dead_letters (consumer, after_cursor, collection_id, upstream_id, reason, raw)
 VALUES (%(consumer)s, %(after_cursor)s, %(collection_id)s, %(upstream_id)s, %(reason)s, %(raw)s)

@@ -190,3 +190,60 @@ def test_bodies_with_lone_surrogate_escapes_and_big_ints_decode() -> None:
         b'{"records": [{"a": "\\ud800", "n": 123456789012345678901234}], "cursor": "c"}'
     )
     assert records == [{"a": "\ud800", "n": 123456789012345678901234}] and cursor == "c"
+
+
+def test_record_spans_give_each_record_exactly_as_received() -> None:
+    from worker.api import record_spans
+
+    items = [
+        b'{"a": "x, ] } [ {", "b": [1, {"c": "\\"q\\""}]}',
+        b'"just , a string"',
+        b"  42 ",
+        b'{"deep": [[[]]], "esc": "\\\\"}',
+    ]
+    body = b'{"cursor": "c,]", "records": [' + b",".join(items) + b'], "more": {"records": [9]}}'
+    spans, start, end = record_spans(body)
+    assert spans == [i.strip() for i in items]
+    assert body[start - 1 : start] == b"[" and body[end : end + 1] == b"]"
+    assert record_spans(b'{"records": [], "cursor": "x"}')[0] == []
+    assert record_spans(b'{"rec\\u006frds": [1,2], "cursor": "x"}')[0] == [b"1", b"2"]
+    with pytest.raises(ValueError, match="no records array"):
+        record_spans(b'{"cursor": "x"}')
+
+
+def test_exact_numbers_and_deep_records_decode_without_losing_the_page() -> None:
+    from decimal import Decimal
+
+    from worker.records import Undecodable
+
+    deep = b"[" * 5000 + b"]" * 5000
+    body = (
+        b'{"records": [{"n": 1e400, "i": 12345678901234567890123}, '
+        + deep
+        + b', 3], "cursor": "c"}'
+    )
+    records, cursor = decode_page(body)
+    assert cursor == "c"
+    assert records[0] == {"n": Decimal("1e400"), "i": 12345678901234567890123}
+    assert isinstance(records[1], Undecodable) and records[1].raw == deep.decode()
+    assert records[2] == 3
+    with pytest.raises(ValueError, match="not JSON"):
+        decode_page(b'{"records": [NaN], "cursor": "c"}')
+
+
+def test_dead_letters_keep_the_text_from_the_wire(sim: Simulator) -> None:
+    from worker.records import parse_page
+
+    fragment = '{"collection_id": "stripe:customer",   "upstream_id": 7, "n": 1.50}'
+    sim.append_raw(fragment)
+    c = client(sim, page_size=500)
+    cursor = None
+    while True:
+        page = c.fetch_page(cursor)
+        parsed = parse_page(
+            page.records, cursor=page.cursor, after_cursor=cursor, raw_texts=page.raw_texts
+        )
+        if parsed.dead_letters:
+            break
+        cursor = page.cursor
+    assert [d.raw for d in parsed.dead_letters] == [fragment]

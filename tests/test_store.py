@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import psycopg
@@ -234,3 +235,22 @@ def test_empty_batch_moves_only_the_cursor(db: str) -> None:
     apply_pages(store, [])
     assert cursor_row(db)[:3] == ("c.0", 0, 1)
     assert data_n(db) == {}
+
+
+def test_rows_postgres_refuses_are_dead_lettered_and_the_batch_applied(db: str) -> None:
+    import secrets
+
+    store = make_store(db)
+    huge_key = secrets.token_hex(6000)  # 12000 chars: beyond a btree index entry's maximum
+    result = apply_pages(store, [raw("a", T(1), 1), raw(huge_key, T(1), 2), raw("b", T(1), 3)])
+    assert data_n(db) == {"a": (1, False), "b": (3, False)}
+    assert (result.upserted, result.dead_lettered) == (2, 1)
+    with psycopg.connect(db) as conn:
+        ((reason, raw_text, after),) = conn.execute(
+            "SELECT reason, raw, after_cursor FROM sequin.dead_letters"
+        ).fetchall()
+    assert reason.startswith("Postgres refused the row: ")
+    assert json.loads(raw_text)["upstream_id"] == huge_key
+    assert after is None  # the page was fetched from the start
+    cur, applied, _, dead, _ = cursor_row(db)
+    assert (cur, applied, dead) == ("c.0", 2, 1)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -36,6 +37,7 @@ import structlog
 import tenacity
 
 from worker.config import is_loopback_host
+from worker.records import Undecodable, decode_exact
 
 log = structlog.get_logger("worker.api")
 
@@ -88,26 +90,128 @@ class Page:
     records: list[Any]
     cursor: str
     limit: int
+    body: bytes | None = None
 
     @property
     def is_full(self) -> bool:
         """A full page means more may be waiting: fetch again at once."""
         return len(self.records) >= self.limit
 
+    def raw_texts(self) -> list[str] | None:
+        """The exact text of each record as received (for dead letters), if recoverable."""
+        if self.body is None:
+            return None
+        try:
+            items, _, _ = record_spans(self.body)
+        except ValueError:
+            return None
+        return [item.decode("utf-8", "replace") for item in items]
+
+
+# orjson reads integers beyond 64 bits as doubles (and every fraction as a double): a run
+# of this many digits sends the body to the exact decoder instead.
+_LONG_DIGITS = re.compile(rb"\d{16}")
+_STRUCTURAL = re.compile(rb'["\[\]{},:]')
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+
+
+def record_spans(body: bytes) -> tuple[list[bytes], int, int]:
+    """The raw bytes of each item of the top-level ``records`` array, and where the array's
+    contents start and end in ``body``. A small scanner: strings are skipped whole, so
+    brackets and commas inside them do not count. Raises ``ValueError`` if not found."""
+    pos, level = 0, 0
+    key: bytes | None = None
+    last_string = (0, 0)
+    start = end = -1
+    item_start = 0
+    items: list[bytes] = []
+    while True:
+        m = _STRUCTURAL.search(body, pos)
+        if m is None:
+            break
+        i = m.start()
+        ch = body[i : i + 1]
+        pos = i + 1
+        if ch == b'"':
+            s = _STRING.match(body, i)
+            if s is None:
+                raise ValueError("unterminated string")
+            last_string, pos = (i, s.end()), s.end()
+        elif ch == b":":
+            if level == 1:
+                key = body[last_string[0] : last_string[1]]
+        elif ch in (b"[", b"{"):
+            if level == 1 and ch == b"[" and start < 0 and _is_records(key):
+                start = item_start = i + 1
+            level += 1
+        elif ch in (b"]", b"}"):
+            level -= 1
+            if start >= 0 and end < 0 and level == 1:
+                end = i
+                item = body[item_start:i].strip()
+                if item:
+                    items.append(item)
+        elif ch == b"," and start >= 0 and end < 0 and level == 2:
+            items.append(body[item_start:i].strip())
+            item_start = i + 1
+    if start < 0 or end < 0:
+        raise ValueError("no records array")
+    return items, start, end
+
+
+def _is_records(key: bytes | None) -> bool:
+    if key is None:
+        return False
+    try:
+        return bool(json.loads(key) == "records")
+    except ValueError:
+        return False
+
+
+def _decode_slow(body: bytes) -> Any:
+    """The exact decoder (numbers kept exactly, lone surrogates allowed). A record nested too
+    deeply for it becomes an :class:`Undecodable` item instead of failing the page."""
+    try:
+        return decode_exact(body)
+    except RecursionError:
+        pass
+    except ValueError as exc:  # includes UnicodeDecodeError
+        raise ValueError(f"body is not JSON ({_short(exc)})") from None
+    items, start, end = record_spans(body)
+    try:
+        doc = decode_exact(body[:start] + body[end:])
+    except (ValueError, RecursionError) as exc:
+        raise ValueError(f"body is not JSON ({_short(exc)})") from None
+    if isinstance(doc, dict):
+        doc["records"] = [_decode_item(item) for item in items]
+    return doc
+
+
+def _decode_item(item: bytes) -> Any:
+    text = item.decode("utf-8", "replace")
+    try:
+        return decode_exact(item)
+    except RecursionError:
+        return Undecodable(text, "record is nested too deeply to decode")
+    except ValueError as exc:
+        return Undecodable(text, f"record is not valid JSON: {_short(exc)}")
+
 
 def decode_page(body: bytes) -> tuple[list[Any], str]:
     """Decode a response body into (records, cursor); raise ``ValueError`` if malformed.
 
-    orjson is the fast path; it refuses lone surrogate escapes and integers beyond 64 bits,
-    which are valid JSON that the stdlib decoder accepts (the records module then decides).
+    orjson is the fast path. Bodies it cannot read exactly (lone surrogate escapes, numbers
+    beyond a double, very deep nesting) go through the exact stdlib decoder; the records
+    module then decides what each record becomes.
     """
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError:
+    doc: Any = None
+    if _LONG_DIGITS.search(body) is None:
         try:
-            doc = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ValueError(f"body is not JSON ({_short(exc)})") from None
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            doc = None
+    if doc is None:
+        doc = _decode_slow(body)
     if not isinstance(doc, dict):
         raise ValueError("body is not a JSON object")
     records, cursor = doc.get("records"), doc.get("cursor")
@@ -259,7 +363,11 @@ class SequinClient:
             except ValueError as exc:
                 raise _Retryable(f"bad body: {exc}") from None
             return Page(
-                after_cursor=after_cursor, records=records, cursor=cursor, limit=self.page_size
+                after_cursor=after_cursor,
+                records=records,
+                cursor=cursor,
+                limit=self.page_size,
+                body=body,
             )
         if status in (401, 403):
             raise TokenRejected(status, server_message(resp))

@@ -24,15 +24,18 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
 import orjson
 
 REPLACEMENT = "\ufffd"
+# orjson refuses to serialise deeper than this; deeper data is dead-lettered, not guessed at.
+MAX_DEPTH = 254
 _BAD_CHARS = re.compile("[\x00\ud800-\udfff]")
 _TS_SHAPE = re.compile(r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}")
 
@@ -48,6 +51,7 @@ class Record:
     created_at: datetime | None
     deleted: bool
     data_json: str | None
+    source: Any = None  # the record as received, for a dead letter if Postgres refuses it
 
     @property
     def key(self) -> tuple[str, str]:
@@ -81,20 +85,82 @@ class InvalidRecord(ValueError):
     """Raised inside validation; the message is the dead letter's reason."""
 
 
+@dataclass(frozen=True, slots=True)
+class Undecodable:
+    """An item of a page that could not even be decoded (e.g. nested too deeply for the
+    decoder); ``raw`` is its exact text from the wire."""
+
+    raw: str
+    reason: str
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def decode_exact(text: bytes | str) -> Any:
+    """Decode JSON with the stdlib, keeping every number exactly: integers of any size,
+    fractions as :class:`~decimal.Decimal` (no rounding to a double, no ``inf``); the
+    non-JSON literals ``NaN`` and ``Infinity`` are refused."""
+    return json.loads(text, parse_float=Decimal, parse_constant=_refuse_constant)
+
+
+def dumps_exact(value: Any) -> str:
+    """Serialise a decoded JSON value with numbers exactly as decoded (``Decimal`` included).
+
+    Strings are escaped to ASCII, so NUL and lone surrogates stay ``\\u`` escapes.
+    """
+    if isinstance(value, str):
+        return json.dumps(value)
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if isinstance(value, int | Decimal):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{json.dumps(k)}:{dumps_exact(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join([dumps_exact(v) for v in value]) + "]"
+    raise TypeError(f"not a JSON value: {type(value).__name__}")
+
+
+def depth(value: Any) -> int:
+    """Nesting depth of a JSON value (a scalar is 0), without recursion."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, d = stack.pop()
+        if isinstance(item, dict):
+            stack.extend((v, d + 1) for v in item.values())
+            deepest = max(deepest, d + 1)
+        elif isinstance(item, list):
+            stack.extend((v, d + 1) for v in item)
+            deepest = max(deepest, d + 1)
+    return deepest
+
+
 def dumps_verbatim(value: Any) -> str:
     """Serialise a received JSON value back to JSON text without losing anything.
 
-    orjson is the fast path; it refuses lone surrogates and integers beyond 64 bits, which the
-    stdlib encoder (ASCII mode: ``\\udXXX`` and ``\\u0000`` stay escapes) keeps exactly.
-    The result is always storable in a Postgres ``text`` column.
+    Used for dead letters when the exact text from the wire is not at hand. orjson is the
+    fast path; it refuses lone surrogates, ``Decimal`` and integers beyond 64 bits, which
+    :func:`dumps_exact` keeps exactly. The result is always storable in a ``text`` column.
     """
+    if isinstance(value, Undecodable):
+        return value.raw
     try:
-        out = orjson.dumps(value).decode()
+        return orjson.dumps(value).decode()
     except (TypeError, orjson.JSONEncodeError):
-        return json.dumps(value, ensure_ascii=True)
-    if "\x00" in out:  # pragma: no cover - orjson always escapes control characters
-        return json.dumps(value, ensure_ascii=True)
-    return out
+        pass
+    try:
+        return dumps_exact(value)
+    except RecursionError:
+        return json.dumps(f"<a value nested more than {MAX_DEPTH} levels deep>")
 
 
 def sanitise(value: Any) -> Any:
@@ -132,6 +198,7 @@ def _type_name(value: Any) -> str:
     if value is None:
         return "null"
     return {
+        Decimal: "number",
         str: "string",
         bool: "boolean",
         int: "number",
@@ -160,6 +227,8 @@ def validate(raw: Any) -> tuple[Record, bool]:
     Returns the row and whether its ``data`` had to be sanitised (in which case the caller
     must also dead-letter the original). Raises :class:`InvalidRecord` with the reason.
     """
+    if isinstance(raw, Undecodable):
+        raise InvalidRecord(raw.reason)
     if not isinstance(raw, dict):
         raise InvalidRecord(f"record must be an object, got {_type_name(raw)}")
     collection_id = _key_text(raw, "collection_id")
@@ -209,6 +278,7 @@ def validate(raw: Any) -> tuple[Record, bool]:
         created_at=created_at,
         deleted=deleted,
         data_json=data_json,
+        source=raw,
     )
     return record, sanitised
 
@@ -216,14 +286,13 @@ def validate(raw: Any) -> tuple[Record, bool]:
 def _data_json(data: dict[str, Any]) -> tuple[str, bool]:
     try:
         out = orjson.dumps(data).decode()
-    except orjson.JSONEncodeError:
-        # A lone surrogate (orjson refuses them) or an integer beyond 64 bits.
+    except (orjson.JSONEncodeError, TypeError):
+        # A lone surrogate, an exact number (Decimal, or an integer beyond 64 bits), or
+        # nesting deeper than orjson goes.
+        if depth(data) > MAX_DEPTH:
+            raise InvalidRecord(f"data is nested more than {MAX_DEPTH} levels deep") from None
         clean = sanitise(data)
-        try:
-            out = orjson.dumps(clean).decode()
-        except orjson.JSONEncodeError:
-            out = json.dumps(clean)
-        return out, clean != data
+        return dumps_exact(clean), clean != data
     if "\\u0000" in out:
         # Could be a real NUL or the six characters "\u0000" escaped; only a walk can tell.
         clean = sanitise(data)
@@ -232,24 +301,44 @@ def _data_json(data: dict[str, Any]) -> tuple[str, bool]:
     return out, False
 
 
-def parse_page(raw_records: Sequence[Any], *, cursor: str, after_cursor: str | None) -> ParsedPage:
-    """Split a page's records into rows and dead letters, keeping stream order."""
+def parse_page(
+    raw_records: Sequence[Any],
+    *,
+    cursor: str,
+    after_cursor: str | None,
+    raw_texts: Callable[[], Sequence[str] | None] | None = None,
+) -> ParsedPage:
+    """Split a page's records into rows and dead letters, keeping stream order.
+
+    ``raw_texts``, when given, returns the exact text of each item as received (called only
+    if the page has a dead letter); otherwise dead letters hold a lossless re-serialisation.
+    """
     page = ParsedPage(after_cursor=after_cursor, cursor=cursor, received=len(raw_records))
     newest: datetime | None = None
-    for raw in raw_records:
+    texts: list[Sequence[str] | None] = []
+
+    def dead(index: int, raw: Any, reason: str) -> DeadLetter:
+        if raw_texts is not None and not texts:
+            texts.append(raw_texts())
+        exact = texts[0] if texts else None
+        text = exact[index] if exact is not None and len(exact) == len(raw_records) else None
+        return _dead(raw, reason, after_cursor, text)
+
+    for index, raw in enumerate(raw_records):
         try:
             record, sanitised = validate(raw)
         except InvalidRecord as exc:
-            page.dead_letters.append(_dead(raw, str(exc), after_cursor))
+            page.dead_letters.append(dead(index, raw, str(exc)))
+            continue
+        except (RecursionError, OverflowError, ValueError, TypeError) as exc:
+            # Not foreseen by validate(): keep the record and go on, rather than let one
+            # record stop the stream on every restart.
+            reason = f"record could not be processed: {type(exc).__name__}: {exc}"
+            page.dead_letters.append(dead(index, raw, reason[:500]))
             continue
         if sanitised:
-            page.dead_letters.append(
-                _dead(
-                    raw,
-                    "data contained NUL or a lone surrogate; stored with U+FFFD in their place",
-                    after_cursor,
-                )
-            )
+            reason = "data contained NUL or a lone surrogate; stored with U+FFFD in their place"
+            page.dead_letters.append(dead(index, raw, reason))
         page.records.append(record)
         if newest is None or record.upstream_updated_at > newest:
             newest = record.upstream_updated_at
@@ -257,14 +346,14 @@ def parse_page(raw_records: Sequence[Any], *, cursor: str, after_cursor: str | N
     return page
 
 
-def _dead(raw: Any, reason: str, after_cursor: str | None) -> DeadLetter:
+def _dead(raw: Any, reason: str, after_cursor: str | None, text: str | None = None) -> DeadLetter:
     collection_id = upstream_id = None
     if isinstance(raw, dict):
         c, u = raw.get("collection_id"), raw.get("upstream_id")
         collection_id = c if isinstance(c, str) and not _has_bad_chars(c) else None
         upstream_id = u if isinstance(u, str) and not _has_bad_chars(u) else None
     return DeadLetter(
-        raw=dumps_verbatim(raw),
+        raw=text if text is not None else dumps_verbatim(raw),
         reason=reason,
         after_cursor=after_cursor,
         collection_id=collection_id,

@@ -32,7 +32,7 @@ import psycopg
 import structlog
 
 from worker import migrations, sqlfiles
-from worker.records import DeadLetter, ParsedPage, Record, dedup
+from worker.records import DeadLetter, ParsedPage, Record, dedup, dumps_verbatim
 
 log = structlog.get_logger("worker.store")
 
@@ -184,6 +184,8 @@ class PgStore:
                 "get_consumer",
                 "set_delete_mode",
                 "notify",
+                "adjust_counts",
+                "clear_stage",
             )
         }
 
@@ -218,6 +220,8 @@ class PgStore:
     def _translate(self) -> Iterator[None]:
         try:
             yield
+        except psycopg.errors.ProgramLimitExceeded:
+            raise  # an OperationalError by class, but about the data, not the connection
         except psycopg.OperationalError as exc:
             # Lost or broken connection: drop it; the caller reconnects.
             self.close()
@@ -291,6 +295,34 @@ class PgStore:
             cursor=batch.cursor,
             newest=batch.newest,
         )
+        try:
+            self._apply(batch, rows, dead, result, isolate=False)
+        except (psycopg.errors.DataError, psycopg.errors.ProgramLimitExceeded) as exc:
+            # Postgres refused something validation let through (it should not happen).
+            # Rather than fail this batch on every restart, apply it again row by row and
+            # dead-letter the rows it refuses, with Postgres' reason.
+            log.warning("batch_refused_applying_row_by_row", reason=_describe(exc), rows=len(rows))
+            result = ApplyResult(
+                received=batch.received,
+                dead_lettered=len(dead),
+                pages=len(batch.pages),
+                cursor=batch.cursor,
+                newest=batch.newest,
+            )
+            self._apply(batch, rows, list(dead), result, isolate=True)
+        self._position = batch.cursor
+        result.seconds = time.perf_counter() - started
+        return result
+
+    def _apply(
+        self,
+        batch: Batch,
+        rows: list[Record],
+        dead: list[DeadLetter],
+        result: ApplyResult,
+        *,
+        isolate: bool,
+    ) -> None:
         conn = self.conn
         c = self.consumer
         with self._translate(), conn.transaction(), conn.cursor() as cur:
@@ -309,10 +341,21 @@ class PgStore:
             if cur.rowcount != 1:
                 raise CursorConflict(f"consumer {c.name!r} was moved or reset by another process")
             if rows:
-                changed = self._write_rows(cur, rows)
+                if isolate:
+                    changed, refused = self._write_rows_one_by_one(cur, rows, batch)
+                    dead.extend(refused)
+                    result.dead_lettered = len(dead)
+                    if refused:
+                        cur.execute(
+                            self._q["adjust_counts"],
+                            {"consumer": c.name, "refused": len(refused)},
+                        )
+                else:
+                    changed = self._write_rows(cur, rows)
+                    refused = []
                 result.upserted = sum(n for (_, is_del), n in changed.items() if not is_del)
                 result.deleted = sum(n for (_, is_del), n in changed.items() if is_del)
-                result.skipped = len(rows) - result.upserted - result.deleted
+                result.skipped = len(rows) - len(refused) - result.upserted - result.deleted
                 result.changed = dict(changed)
             result.skipped += batch.valid - len(rows)  # superseded within the batch
             if dead:
@@ -338,9 +381,30 @@ class PgStore:
                     self._q["notify"],
                     {"channel": self.notify_channel, "payload": notify_payload(c.name, result)},
                 )
-        self._position = batch.cursor
-        result.seconds = time.perf_counter() - started
-        return result
+
+    def _write_rows_one_by_one(
+        self, cur: psycopg.Cursor[tuple[Any, ...]], rows: list[Record], batch: Batch
+    ) -> tuple[Counter[tuple[str, bool]], list[DeadLetter]]:
+        """Each row under its own savepoint; the ones Postgres refuses become dead letters."""
+        changed: Counter[tuple[str, bool]] = Counter()
+        refused: list[DeadLetter] = []
+        after = {id(r): p.after_cursor for p in batch.pages for r in p.records}
+        for row in rows:
+            try:
+                with self.conn.transaction():
+                    changed.update(self._write_rows(cur, [row]))
+                    cur.execute(self._q["clear_stage"])
+            except (psycopg.errors.DataError, psycopg.errors.ProgramLimitExceeded) as exc:
+                refused.append(
+                    DeadLetter(
+                        raw=dumps_verbatim(row.source),
+                        reason=f"Postgres refused the row: {_describe(exc)}"[:500],
+                        after_cursor=after.get(id(row)),
+                        collection_id=row.collection_id,
+                        upstream_id=row.upstream_id,
+                    )
+                )
+        return changed, refused
 
     def _write_rows(
         self, cur: psycopg.Cursor[tuple[Any, ...]], rows: list[Record]

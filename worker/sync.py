@@ -203,7 +203,10 @@ class Prefetcher:
                 page = self._source.fetch_page(self._cursor)
                 step = next_step(page)
                 parsed = parse_page(
-                    page.records, cursor=page.cursor, after_cursor=page.after_cursor
+                    page.records,
+                    cursor=page.cursor,
+                    after_cursor=page.after_cursor,
+                    raw_texts=page.raw_texts,
                 )
                 if not self._put(Fetched(parsed, caught_up=step == "caught_up")):
                     return
@@ -278,6 +281,9 @@ class SyncLoop:
                 # reset): nothing of ours was applied; start over from what is stored.
                 log.warning("cursor_conflict", reason=str(exc))
                 self.state.beat()
+                # The other writer is usually a leader that has just lost its lock and will
+                # notice within a ping; do not spin against it meanwhile.
+                self._stop.wait(random.uniform(0.2, 0.5))
             except StoreUnavailable as exc:
                 failures += 1
                 if failures > self._max_db_retries:
