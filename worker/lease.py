@@ -56,20 +56,26 @@ class Lease:
 
     def _connect(self) -> Conn:
         # Server-side keepalives and an idle timeout make the server notice a dead leader.
+        # The timeout outlasts a standby's pause between attempts, so standbys keep theirs.
         conn = connect(
             self._dsn, autocommit=True, application_name=f"sequin-worker-lock:{self.name}"
         )
+        idle_ms = max(IDLE_SESSION_TIMEOUT_MS, int(self.retry_interval * 3000))
         try:
             conn.execute(
                 "SELECT set_config('idle_session_timeout', %s, false),"
                 " set_config('tcp_keepalives_idle', '5', false),"
                 " set_config('tcp_keepalives_interval', '2', false),"
                 " set_config('tcp_keepalives_count', '3', false)",
-                (str(IDLE_SESSION_TIMEOUT_MS),),
+                (str(idle_ms),),
             )
-        except psycopg.Error:
+        except psycopg.OperationalError:
             conn.close()
             raise
+        except psycopg.Error as exc:
+            # Postgres before 14 has no idle_session_timeout: a dead leader's lock is then
+            # released when the server's TCP keepalives give up.
+            log.warning("lock_session_settings_unavailable", reason=str(exc).splitlines()[0])
         return conn
 
     def try_acquire(self) -> bool:

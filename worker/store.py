@@ -288,13 +288,17 @@ class PgStore:
         started = time.perf_counter()
         rows = batch.rows()
         dead = batch.dead_letters()
-        result = ApplyResult(
-            received=batch.received,
-            dead_lettered=len(dead),
-            pages=len(batch.pages),
-            cursor=batch.cursor,
-            newest=batch.newest,
-        )
+
+        def fresh() -> ApplyResult:
+            return ApplyResult(
+                received=batch.received,
+                dead_lettered=len(dead),
+                pages=len(batch.pages),
+                cursor=batch.cursor,
+                newest=batch.newest,
+            )
+
+        result = fresh()
         try:
             self._apply(batch, rows, dead, result, isolate=False)
         except (psycopg.errors.DataError, psycopg.errors.ProgramLimitExceeded) as exc:
@@ -302,13 +306,7 @@ class PgStore:
             # Rather than fail this batch on every restart, apply it again row by row and
             # dead-letter the rows it refuses, with Postgres' reason.
             log.warning("batch_refused_applying_row_by_row", reason=_describe(exc), rows=len(rows))
-            result = ApplyResult(
-                received=batch.received,
-                dead_lettered=len(dead),
-                pages=len(batch.pages),
-                cursor=batch.cursor,
-                newest=batch.newest,
-            )
+            result = fresh()
             self._apply(batch, rows, list(dead), result, isolate=True)
         self._position = batch.cursor
         result.seconds = time.perf_counter() - started
