@@ -16,7 +16,7 @@ CREATE TEMP TABLE IF NOT EXISTS sequin_stage (
 
 -- name: copy_stage
 COPY sequin_stage (collection_id, upstream_id, sync_id, upstream_updated_at, created_at, deleted, data)
-FROM STDIN
+FROM STDIN (FORMAT BINARY)
 
 -- name: upsert_rows
 -- The guard: a row changes only when the incoming version is as new or newer. Equal

@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
+from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -97,20 +98,35 @@ class Page:
         """A full page means more may be waiting: fetch again at once."""
         return len(self.records) >= self.limit
 
-    def raw_texts(self) -> list[str] | None:
-        """The exact text of each record as received (for dead letters), if recoverable."""
-        if self.body is None:
-            return None
-        try:
-            items, _, _ = record_spans(self.body)
-        except ValueError:
-            return None
-        return [item.decode("utf-8", "replace") for item in items]
+    def raw_texts(self) -> Callable[[], list[str] | None] | None:
+        """A function giving the exact text of each record as received (for dead letters).
+
+        It holds only the body bytes, not the decoded records, so that nothing decoded stays
+        alive while its batch waits to be written.
+        """
+        return None if self.body is None else partial(raw_texts_of, self.body)
+
+
+def raw_texts_of(body: bytes) -> list[str] | None:
+    """The text of each item of ``body``'s records array, or None if it cannot be split."""
+    try:
+        items, _, _ = record_spans(body)
+    except ValueError:
+        return None
+    return [item.decode("utf-8", "replace") for item in items]
 
 
 # orjson reads integers beyond 64 bits as doubles (and every fraction as a double): a run
-# of this many digits sends the body to the exact decoder instead.
-_LONG_DIGITS = re.compile(rb"\d{16}")
+# of 16 digits sends the body to the exact decoder instead. Mapping every digit to "0" and
+# searching for the run is ~10x cheaper than a regex over each page.
+_DIGITS_TO_ZERO = bytes.maketrans(b"0123456789", b"0" * 10)
+_DIGIT_RUN = b"0" * 16
+
+
+def has_long_digit_run(body: bytes) -> bool:
+    return _DIGIT_RUN in body.translate(_DIGITS_TO_ZERO)
+
+
 _STRUCTURAL = re.compile(rb'["\[\]{},:]')
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 
@@ -205,7 +221,7 @@ def decode_page(body: bytes) -> tuple[list[Any], str]:
     module then decides what each record becomes.
     """
     doc: Any = None
-    if _LONG_DIGITS.search(body) is None:
+    if not has_long_digit_run(body):
         try:
             doc = orjson.loads(body)
         except orjson.JSONDecodeError:

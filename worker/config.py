@@ -90,7 +90,7 @@ class Settings(BaseSettings):
     batch_max_records: int = Field(
         5000, ge=1, le=1_000_000, validation_alias=_env("SEQUIN_BATCH_MAX_RECORDS")
     )
-    prefetch_pages: int = Field(4, ge=1, le=64, validation_alias=_env("SEQUIN_PREFETCH_PAGES"))
+    prefetch_pages: int = Field(8, ge=1, le=64, validation_alias=_env("SEQUIN_PREFETCH_PAGES"))
     lock_retry_interval: float = Field(
         3.0, gt=0, le=300, validation_alias=_env("SEQUIN_LOCK_RETRY_INTERVAL")
     )

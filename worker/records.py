@@ -51,7 +51,7 @@ class Record:
     created_at: datetime | None
     deleted: bool
     data_json: str | None
-    source: Any = None  # the record as received, for a dead letter if Postgres refuses it
+    index: int = -1  # position in its page, to find its text from the wire again
 
     @property
     def key(self) -> tuple[str, str]:
@@ -79,6 +79,23 @@ class ParsedPage:
     records: list[Record] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
     newest: datetime | None = None
+    raw_texts: Callable[[], Sequence[str] | None] | None = None
+
+    def raw_text(self, record: Record) -> str:
+        """The record's text as received; a lossless rebuild from its fields if the page's
+        text is not at hand."""
+        texts = self.raw_texts() if self.raw_texts is not None else None
+        if texts is not None and 0 <= record.index < len(texts) and len(texts) == self.received:
+            return texts[record.index]
+        fields = {
+            "collection_id": record.collection_id,
+            "upstream_id": record.upstream_id,
+            "sync_id": str(record.sync_id) if record.sync_id else None,
+            "upstream_updated_at": record.upstream_updated_at.isoformat(),
+            "created_at": record.created_at.isoformat() if record.created_at else None,
+            "deleted": record.deleted,
+        }
+        return f'{json.dumps(fields)[:-1]}, "data": {record.data_json or "null"}}}'
 
 
 class InvalidRecord(ValueError):
@@ -278,7 +295,6 @@ def validate(raw: Any) -> tuple[Record, bool]:
         created_at=created_at,
         deleted=deleted,
         data_json=data_json,
-        source=raw,
     )
     return record, sanitised
 
@@ -313,7 +329,12 @@ def parse_page(
     ``raw_texts``, when given, returns the exact text of each item as received (called only
     if the page has a dead letter); otherwise dead letters hold a lossless re-serialisation.
     """
-    page = ParsedPage(after_cursor=after_cursor, cursor=cursor, received=len(raw_records))
+    page = ParsedPage(
+        after_cursor=after_cursor,
+        cursor=cursor,
+        received=len(raw_records),
+        raw_texts=raw_texts,
+    )
     newest: datetime | None = None
     texts: list[Sequence[str] | None] = []
 
@@ -339,6 +360,7 @@ def parse_page(
         if sanitised:
             reason = "data contained NUL or a lone surrogate; stored with U+FFFD in their place"
             page.dead_letters.append(dead(index, raw, reason))
+        record.index = index
         page.records.append(record)
         if newest is None or record.upstream_updated_at > newest:
             newest = record.upstream_updated_at

@@ -206,7 +206,7 @@ class Prefetcher:
                     page.records,
                     cursor=page.cursor,
                     after_cursor=page.after_cursor,
-                    raw_texts=page.raw_texts,
+                    raw_texts=page.raw_texts(),
                 )
                 if not self._put(Fetched(parsed, caught_up=step == "caught_up")):
                     return
