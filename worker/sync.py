@@ -228,9 +228,10 @@ class SyncLoop:
 
     :meth:`run` returns normally when ``stop`` is set (``run`` mode) or when caught up
     (``backfill`` mode). It raises the API client's errors (token rejected, request
-    rejected, API unavailable), :class:`ProtocolViolation`, :class:`DatabaseUnavailable`
-    after ``max_db_retries`` consecutive failed reconnects, and :class:`CursorConflict`
-    when another process wrote this consumer's cursor.
+    rejected, API unavailable), :class:`ProtocolViolation`, and
+    :class:`DatabaseUnavailable` after ``max_db_retries`` consecutive failed reconnects. A
+    :class:`CursorConflict` (another process wrote this consumer's cursor) is not an error
+    here: the session restarts from the stored cursor after a short pause.
     """
 
     def __init__(
