@@ -28,7 +28,6 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 def test_defaults() -> None:
     s = load_settings()
     assert s.base_url == "https://api.sequin.io"
-    assert s.records_url == "https://api.sequin.io/v1/records"
     assert (s.consumer, s.page_size, s.poll_interval) == ("default", 500, 1.0)
     assert (s.delete_mode, s.db_schema, s.log_format, s.log_level) == (
         "soft",

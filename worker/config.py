@@ -150,10 +150,6 @@ class Settings(BaseSettings):
         """The API filters this consumer streams with (part of the consumer's identity)."""
         return {"sync_id": self.sync_id, "provider": self.provider, "collection": self.collection}
 
-    @property
-    def records_url(self) -> str:
-        return f"{self.base_url}/v1/records"
-
 
 _FIELD_ENV = {
     name: str(field.validation_alias.choices[0])  # type: ignore[union-attr]

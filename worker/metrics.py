@@ -148,8 +148,5 @@ class Metrics:
     def set_leader(self, is_leader: bool) -> None:
         self.leader.set(1 if is_leader else 0)
 
-    def set_caught_up(self, caught_up: bool) -> None:
-        self.caught_up.set(1 if caught_up else 0)
-
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -68,6 +68,7 @@ class OpsServer:
             "heartbeat_age_s": round(age, 3),
             "leader": self.state.leader,
             "caught_up": self.state.caught_up,
+            "cursor": self.state.cursor,
         }
         if age > self.heartbeat_timeout:
             body["error"] = f"no loop heartbeat for {age:.0f} s"

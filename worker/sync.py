@@ -107,7 +107,6 @@ class Totals:
     skipped: int = 0
     dead_lettered: int = 0
     pages: int = 0
-    batches: int = 0
     started: float = field(default_factory=time.monotonic)
 
     def add(self, r: ApplyResult) -> None:
@@ -117,7 +116,6 @@ class Totals:
         self.skipped += r.skipped
         self.dead_lettered += r.dead_lettered
         self.pages += r.pages
-        self.batches += 1
 
     @property
     def seconds(self) -> float:
