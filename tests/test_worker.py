@@ -345,3 +345,31 @@ def _answers(url: str) -> bool:
     except requests.ConnectionError:
         return False
     return True
+
+
+def test_run_never_gives_up_on_transient_failures(sim: Simulator, db: str) -> None:
+    """`run` is a service: past SEQUIN_MAX_RETRIES it keeps retrying (and stays healthy);
+    only `backfill` gives up. Then SIGTERM still ends it cleanly."""
+    import requests
+
+    from tests.test_ops import free_port
+
+    sim.faults = FaultConfig(rate_5xx=1.0)
+    port = free_port()
+    env = worker_env(sim, db, SEQUIN_MAX_RETRIES="1", SEQUIN_HTTP_PORT=str(port))
+    down = worker_env(sim, "postgresql://x@127.0.0.1:1/none", SEQUIN_MAX_RETRIES="1")
+    api_down, db_down = spawn_cli(["run"], env), spawn_cli(["run"], down)
+    try:
+        _wait_for(lambda: len(sim.request_log) >= 4, timeout=30)  # well past 1 retry
+        time.sleep(1)
+        assert api_down.poll() is None and db_down.poll() is None
+        health = requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+        assert health.status_code == 200
+        sim.faults = FaultConfig()
+        _wait_for(lambda: len(fetch_rows(db)) == len(sim.expected_state()))
+    finally:
+        for proc in (api_down, db_down):
+            proc.send_signal(signal.SIGTERM)
+        results = [proc.communicate(timeout=15) for proc in (api_down, db_down)]
+    assert [api_down.returncode, db_down.returncode] == [0, 0], results
+    assert "api_retry" in results[0][1] and "db_retry" in results[1][1]

@@ -6,7 +6,7 @@
 * :class:`RequestRejected`: any other 4xx (e.g. a cursor the API does not accept), with the
   server's own message.
 * :class:`ApiUnavailable`: the retry budget (``max_retries`` consecutive failures) ran out on
-  transient failures.
+  transient failures. ``max_retries=None`` retries for ever (the ``run`` service).
 
 Transient failures are retried with exponential backoff and full jitter: connection errors,
 timeouts, 429 (waiting at least ``Retry-After``), 500/502/503/504, and bodies that are not
@@ -295,7 +295,7 @@ class SequinClient:
         page_size: int = 500,
         connect_timeout: float = 10.0,
         read_timeout: float = 60.0,
-        max_retries: int = 20,
+        max_retries: int | None = 20,
         allow_insecure_http: bool = False,
         backoff_initial: float = 0.5,
         backoff_max: float = 30.0,
@@ -338,7 +338,11 @@ class SequinClient:
         """Fetch the page after ``after_cursor`` (``None``: the start of the stream)."""
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(_Retryable),
-            stop=tenacity.stop_after_attempt(self._max_retries + 1),
+            stop=(
+                tenacity.stop_never
+                if self._max_retries is None
+                else tenacity.stop_after_attempt(self._max_retries + 1)
+            ),
             wait=self._wait,
             sleep=self._sleep,
             before_sleep=self._log_retry,
@@ -347,9 +351,9 @@ class SequinClient:
         try:
             return retrying(self._fetch_once, after_cursor)
         except _Retryable as exc:
+            attempts = _attempts((self._max_retries or 0) + 1)
             raise ApiUnavailable(
-                f"the Sequin API kept failing ({_attempts(self._max_retries + 1)}); "
-                f"last error: {exc.reason}"
+                f"the Sequin API kept failing ({attempts}); last error: {exc.reason}"
             ) from None
 
     def _fetch_once(self, after_cursor: str | None) -> Page:

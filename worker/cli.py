@@ -10,8 +10,9 @@ Exit codes (also in the README):
 3   the API rejected the token (401/403)
 4   the API rejected a request (another 4xx, e.g. an invalid cursor), or answered in a
     way that breaks the pagination contract
-5   the API stayed unavailable through the retry budget (SEQUIN_MAX_RETRIES)
-6   the database stayed unreachable through the retry budget, or a migration failed
+5   ``backfill``: the API stayed unavailable through SEQUIN_MAX_RETRIES (``run`` retries)
+6   ``backfill``: the database stayed unreachable through SEQUIN_MAX_RETRIES (``run``
+    retries); or a migration failed
 7   ``backfill --no-wait``: another process is syncing this consumer
 8   ``check``: at least one check failed
 ==  ===========================================================================

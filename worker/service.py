@@ -7,6 +7,7 @@ leadership is lost and keeps going until stopped; ``backfill`` returns once caug
 
 from __future__ import annotations
 
+import random
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,8 +47,17 @@ def consumer_config(settings: Settings) -> ConsumerConfig:
     )
 
 
+def retry_budget(settings: Settings, mode: Mode) -> int | None:
+    """``run`` is a service: it retries transient failures for ever (backing off, logging each
+    retry, staying alive for /healthz). ``backfill`` gives up after SEQUIN_MAX_RETRIES."""
+    return None if mode == "run" else settings.max_retries
+
+
 def make_client_factory(
-    settings: Settings, stop: threading.Event, metrics: Metrics | None = None
+    settings: Settings,
+    stop: threading.Event,
+    metrics: Metrics | None = None,
+    max_retries: int | None = 20,
 ) -> Callable[[], SequinClient]:
     assert settings.api_token is not None
     token = settings.api_token.get_secret_value()
@@ -60,7 +70,7 @@ def make_client_factory(
             page_size=settings.page_size,
             connect_timeout=settings.connect_timeout,
             read_timeout=settings.read_timeout,
-            max_retries=settings.max_retries,
+            max_retries=max_retries,
             allow_insecure_http=settings.allow_insecure_http,
             stop=stop,
             on_request=metrics.observe_request if metrics else None,
@@ -70,19 +80,28 @@ def make_client_factory(
     return factory
 
 
-def migrate_with_retry(store: PgStore, settings: Settings, stop: threading.Event) -> list[int]:
-    """Apply migrations, retrying while the database is unreachable (bounded)."""
+def migrate_with_retry(
+    store: PgStore,
+    stop: threading.Event,
+    max_retries: int | None,
+    state: LoopState,
+) -> list[int] | None:
+    """Apply migrations, retrying while the database is unreachable. Returns the versions
+    applied, or None if ``stop`` was set while waiting."""
     attempt = 0
-    while True:
+    while not stop.is_set():
+        state.beat("migrating")
         try:
             return store.migrate()
         except StoreUnavailable as exc:
             attempt += 1
-            if attempt > settings.max_retries or stop.is_set():
+            if max_retries is not None and attempt > max_retries:
                 raise DatabaseUnavailable(f"cannot reach the database: {exc}") from None
-            wait = min(30.0, 0.5 * 2 ** (attempt - 1))
-            log.warning("db_retry", reason=str(exc), attempt=attempt, wait_s=wait)
+            wait = min(30.0, 0.5 * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+            log.warning("db_retry", reason=str(exc), attempt=attempt, wait_s=round(wait, 3))
+            state.beat("db_retry")
             stop.wait(wait)
+    return None
 
 
 class ViewKeeper:
@@ -165,8 +184,10 @@ def run_consumer(
         if keeper is not None:
             keeper.on_batch(r)
 
-    state.beat("migrating")
-    applied = migrate_with_retry(store, settings, stop)
+    budget = retry_budget(settings, mode)
+    applied = migrate_with_retry(store, stop, budget, state)
+    if applied is None:
+        return Outcome(totals or Totals(), caught_up=False)
     state.migrated = True
     log.info("migrations_ready", applied=applied, schema=settings.db_schema)
 
@@ -176,7 +197,7 @@ def run_consumer(
         name=settings.consumer,
         retry_interval=settings.lock_retry_interval,
     )
-    client_factory = make_client_factory(settings, stop, metrics)
+    client_factory = make_client_factory(settings, stop, metrics, budget)
     totals = totals or Totals()
     try:
         while not stop.is_set():
@@ -203,7 +224,7 @@ def run_consumer(
                 poll_interval=settings.poll_interval,
                 batch_max_records=settings.batch_max_records,
                 prefetch_pages=settings.prefetch_pages,
-                max_db_retries=settings.max_retries,
+                max_db_retries=budget,
                 on_batch=on_batch,
                 on_caught_up=keeper.on_caught_up if keeper is not None else None,
                 state=state,

@@ -227,7 +227,8 @@ class SyncLoop:
     :meth:`run` returns normally when ``stop`` is set (``run`` mode) or when caught up
     (``backfill`` mode). It raises the API client's errors (token rejected, request
     rejected, API unavailable), :class:`ProtocolViolation`, and
-    :class:`DatabaseUnavailable` after ``max_db_retries`` consecutive failed reconnects. A
+    :class:`DatabaseUnavailable` after ``max_db_retries`` consecutive failed reconnects
+    (``None``: never). A
     :class:`CursorConflict` (another process wrote this consumer's cursor) is not an error
     here: the session restarts from the stored cursor after a short pause.
     """
@@ -242,7 +243,7 @@ class SyncLoop:
         poll_interval: float = 1.0,
         batch_max_records: int = 5000,
         prefetch_pages: int = 4,
-        max_db_retries: int = 20,
+        max_db_retries: int | None = 20,
         on_batch: Callable[[ApplyResult], None] | None = None,
         on_caught_up: Callable[[], None] | None = None,
         state: LoopState | None = None,
@@ -285,7 +286,7 @@ class SyncLoop:
                 self._stop.wait(random.uniform(0.2, 0.5))
             except StoreUnavailable as exc:
                 failures += 1
-                if failures > self._max_db_retries:
+                if self._max_db_retries is not None and failures > self._max_db_retries:
                     raise DatabaseUnavailable(
                         f"the database stayed unreachable ({failures} attempts): {exc}"
                     ) from None
