@@ -7,7 +7,7 @@
 CREATE TEMP TABLE IF NOT EXISTS sequin_stage (
     collection_id       text        NOT NULL,
     upstream_id         text        NOT NULL,
-    sync_id             uuid,
+    sync_id             text,
     upstream_updated_at timestamptz NOT NULL,
     created_at          timestamptz,
     deleted             boolean     NOT NULL,
@@ -25,7 +25,8 @@ FROM STDIN (FORMAT BINARY)
 WITH changed AS (
     INSERT INTO {schema}.records AS r
         (collection_id, upstream_id, sync_id, data, deleted, upstream_updated_at, created_at, synced_at)
-    SELECT collection_id, upstream_id, sync_id, data, deleted, upstream_updated_at, created_at, now()
+    SELECT collection_id, upstream_id, sync_id::uuid, data, deleted, upstream_updated_at,
+           created_at, now()
     FROM sequin_stage
     WHERE %(include_deletes)s OR NOT deleted
     ON CONFLICT (collection_id, upstream_id) DO UPDATE SET

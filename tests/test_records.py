@@ -236,3 +236,50 @@ def test_sanitise_leaves_nothing_postgres_rejects(value: Any) -> None:
 )
 def test_dumps_verbatim_round_trips(value: Any) -> None:
     assert json.loads(dumps_verbatim(value)) == value
+
+
+def test_raw_data_from_the_wire_passes_through_untouched() -> None:
+    from worker.api import decode_page
+    from worker.records import RawJSON
+
+    body = (
+        b'{"records": [{"collection_id": "s:c", "upstream_id": "a", "deleted": false,'
+        b' "upstream_updated_at": "2024-01-01T00:00:00Z",'
+        b' "data": {"z": 1, "a": 12345678901234567890123, "x": 1e400, "s": "\\u00e9"}}],'
+        b' "cursor": "c1"}'
+    )
+    records, cursor = decode_page(body)
+    assert cursor == "c1"
+    assert isinstance(records[0]["data"], RawJSON)
+    record, sanitised = validate(records[0])
+    assert not sanitised
+    assert record.data_json == b'{"z": 1, "a": 12345678901234567890123, "x": 1e400, "s": "\\u00e9"}'
+
+
+@pytest.mark.parametrize(
+    ("raw", "outcome"),
+    [
+        (b"null", "deleted-null"),
+        (b"[1]", "data must be an object, got array"),
+        (b'"text"', "data must be an object, got string"),
+        (b"12", "data must be an object, got number"),
+        (b'{"k": "a\\u0000b"}', "sanitised"),
+        (b'{"k": "\\ud83d\\ude00 pair"}', "clean"),
+        (b'{"k": "\\\\u0000 not a NUL"}', "clean"),
+    ],
+)
+def test_raw_data_rules(raw: bytes, outcome: str) -> None:
+    from worker.records import RawJSON
+
+    record_in = rec(data=RawJSON(raw), deleted=outcome == "deleted-null")
+    if outcome.startswith("data must"):
+        with pytest.raises(InvalidRecord, match=outcome):
+            validate(record_in)
+        return
+    record, sanitised = validate(record_in)
+    if outcome == "deleted-null":
+        assert record.data_json is None
+    elif outcome == "sanitised":
+        assert sanitised and json.loads(record.data_json or "") == {"k": f"a{REPLACEMENT}b"}
+    else:
+        assert not sanitised and json.loads(record.data_json or "") == json.loads(raw)

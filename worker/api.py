@@ -32,13 +32,14 @@ from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
+import msgspec
 import orjson
 import requests
 import structlog
 import tenacity
 
 from worker.config import is_loopback_host
-from worker.records import Undecodable, decode_exact
+from worker.records import Undecodable, WirePage, decode_exact, wire_to_dict
 
 log = structlog.get_logger("worker.api")
 
@@ -121,6 +122,9 @@ def raw_texts_of(body: bytes) -> list[str] | None:
 # searching for the run is ~10x cheaper than a regex over each page.
 _DIGITS_TO_ZERO = bytes.maketrans(b"0123456789", b"0" * 10)
 _DIGIT_RUN = b"0" * 16
+
+
+_WIRE = msgspec.json.Decoder(WirePage)
 
 
 def has_long_digit_run(body: bytes) -> bool:
@@ -216,10 +220,20 @@ def _decode_item(item: bytes) -> Any:
 def decode_page(body: bytes) -> tuple[list[Any], str]:
     """Decode a response body into (records, cursor); raise ``ValueError`` if malformed.
 
-    orjson is the fast path. Bodies it cannot read exactly (lone surrogate escapes, numbers
-    beyond a double, very deep nesting) go through the exact stdlib decoder; the records
-    module then decides what each record becomes.
+    The fast path (msgspec) decodes the documented shape and leaves each record's ``data`` as
+    raw JSON, passed to Postgres as it came. Other bodies go through orjson, or, when orjson
+    cannot read them exactly (lone surrogate escapes, numbers beyond a double, very deep
+    nesting), through the exact stdlib decoder; the records module then decides what each
+    record becomes.
     """
+    try:
+        wire = _WIRE.decode(body)
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        pass  # not the usual shape or content: the general decoders below decide
+    else:
+        if not isinstance(wire.cursor, str) or not wire.cursor:
+            raise ValueError("body has no 'cursor' string")
+        return [wire_to_dict(r) for r in wire.records], wire.cursor
     doc: Any = None
     if not has_long_digit_run(body):
         try:

@@ -31,12 +31,16 @@ from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
+import msgspec
 import orjson
 
 REPLACEMENT = "\ufffd"
 # orjson refuses to serialise deeper than this; deeper data is dead-lettered, not guessed at.
 MAX_DEPTH = 254
 _BAD_CHARS = re.compile("[\x00\ud800-\udfff]")
+_UUID = re.compile(r"^[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
+# In raw JSON: a NUL or a UTF-16 surrogate escape (paired or not; the slow path decides).
+_RAW_SUSPECT = re.compile(rb"\\u(?:0000|[dD][89a-fA-F])")
 _TS_SHAPE = re.compile(r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}")
 
 
@@ -46,11 +50,11 @@ class Record:
 
     collection_id: str
     upstream_id: str
-    sync_id: UUID | None
+    sync_id: str | None  # canonical UUID text (Postgres casts it)
     upstream_updated_at: datetime
     created_at: datetime | None
     deleted: bool
-    data_json: str | None
+    data_json: str | bytes | None  # JSON text; bytes when passed through from the wire
     index: int = -1  # position in its page, to find its text from the wire again
 
     @property
@@ -95,7 +99,9 @@ class ParsedPage:
             "created_at": record.created_at.isoformat() if record.created_at else None,
             "deleted": record.deleted,
         }
-        return f'{json.dumps(fields)[:-1]}, "data": {record.data_json or "null"}}}'
+        data = record.data_json
+        text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
+        return f'{json.dumps(fields)[:-1]}, "data": {text or "null"}}}'
 
 
 class InvalidRecord(ValueError):
@@ -109,6 +115,62 @@ class Undecodable:
 
     raw: str
     reason: str
+
+
+class RawJSON:
+    """A JSON value left undecoded: its exact bytes from the wire (``data`` of a record)."""
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+
+    def kind(self) -> str:
+        """The JSON type, from the first byte."""
+        first = self.raw.lstrip()[:1]
+        return {
+            b"{": "object",
+            b"[": "array",
+            b'"': "string",
+            b"n": "null",
+            b"t": "boolean",
+            b"f": "boolean",
+        }.get(first, "number")
+
+
+class WireRecord(msgspec.Struct):
+    """One record as decoded on the fast path: ``data`` stays raw JSON (no decode, no
+    re-encode), the other fields are decoded as whatever JSON they hold."""
+
+    collection_id: Any = msgspec.UNSET
+    upstream_id: Any = msgspec.UNSET
+    upstream_updated_at: Any = msgspec.UNSET
+    deleted: Any = msgspec.UNSET
+    data: msgspec.Raw = msgspec.Raw()
+    sync_id: Any = None
+    created_at: Any = None
+
+
+class WirePage(msgspec.Struct):
+    records: list[WireRecord]
+    cursor: Any = None
+
+
+def wire_to_dict(r: WireRecord) -> dict[str, Any]:
+    """The record as the dict :func:`validate` reads, ``data`` as :class:`RawJSON`."""
+    out: dict[str, Any] = {"sync_id": r.sync_id, "created_at": r.created_at}
+    if r.collection_id is not msgspec.UNSET:
+        out["collection_id"] = r.collection_id
+    if r.upstream_id is not msgspec.UNSET:
+        out["upstream_id"] = r.upstream_id
+    if r.upstream_updated_at is not msgspec.UNSET:
+        out["upstream_updated_at"] = r.upstream_updated_at
+    if r.deleted is not msgspec.UNSET:
+        out["deleted"] = r.deleted
+    raw = bytes(r.data)
+    if raw:
+        out["data"] = RawJSON(raw)
+    return out
 
 
 def _refuse_constant(name: str) -> Any:
@@ -131,6 +193,8 @@ def dumps_exact(value: Any) -> str:
         return json.dumps(value)
     if value is None:
         return "null"
+    if isinstance(value, RawJSON):
+        return value.raw.decode("utf-8", "replace")
     if value is True:
         return "true"
     if value is False:
@@ -259,15 +323,18 @@ def validate(raw: Any) -> tuple[Record, bool]:
     if not isinstance(deleted, bool):
         raise InvalidRecord(f"deleted must be a boolean, got {_type_name(deleted)}")
 
-    sync_id: UUID | None = None
+    sync_id: str | None = None
     raw_sync = raw.get("sync_id")
     if raw_sync is not None:
         if not isinstance(raw_sync, str):
             raise InvalidRecord(f"sync_id must be a string, got {_type_name(raw_sync)}")
-        try:
-            sync_id = UUID(raw_sync)
-        except ValueError:
-            raise InvalidRecord(f"sync_id is not a UUID: {raw_sync[:64]!r}") from None
+        if _UUID.match(raw_sync):
+            sync_id = raw_sync
+        else:
+            try:
+                sync_id = str(UUID(raw_sync))  # the other spellings UUID() accepts
+            except ValueError:
+                raise InvalidRecord(f"sync_id is not a UUID: {raw_sync[:64]!r}") from None
 
     created_at = None
     if raw.get("created_at") is not None:
@@ -276,8 +343,27 @@ def validate(raw: Any) -> tuple[Record, bool]:
     if "data" not in raw and not deleted:
         raise InvalidRecord("data is missing")
     data = raw.get("data")
+    if isinstance(data, RawJSON):
+        kind = data.kind()
+        if kind == "null":
+            data = None
+        elif kind != "object":
+            raise InvalidRecord(f"data must be an object, got {kind}")
+        elif _RAW_SUSPECT.search(data.raw) is None:
+            record = Record(
+                collection_id=collection_id,
+                upstream_id=upstream_id,
+                sync_id=sync_id,
+                upstream_updated_at=updated_at,
+                created_at=created_at,
+                deleted=deleted,
+                data_json=data.raw,
+            )
+            return record, False
+        else:
+            data = decode_exact(data.raw)  # NUL or surrogates: decode, then sanitise
     sanitised = False
-    data_json: str | None
+    data_json: str | bytes | None
     if data is None:
         if not deleted:
             raise InvalidRecord("data is null on a record that is not deleted")

@@ -146,7 +146,7 @@ def connect(dsn: str, *, autocommit: bool = False, application_name: str = "sequ
 
 # Binary COPY: psycopg sends datetimes, UUIDs and booleans in Postgres' own binary forms
 # instead of formatting them as text (measured ~5% faster end to end).
-STAGE_TYPES = ["text", "text", "uuid", "timestamptz", "timestamptz", "bool", "jsonb"]
+STAGE_TYPES = ["text", "text", "text", "timestamptz", "timestamptz", "bool", "jsonb"]
 
 
 def _as_is(text: Any) -> Any:
