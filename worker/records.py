@@ -342,37 +342,7 @@ def validate(raw: Any) -> tuple[Record, bool]:
 
     if "data" not in raw and not deleted:
         raise InvalidRecord("data is missing")
-    data = raw.get("data")
-    if isinstance(data, RawJSON):
-        kind = data.kind()
-        if kind == "null":
-            data = None
-        elif kind != "object":
-            raise InvalidRecord(f"data must be an object, got {kind}")
-        elif _RAW_SUSPECT.search(data.raw) is None:
-            record = Record(
-                collection_id=collection_id,
-                upstream_id=upstream_id,
-                sync_id=sync_id,
-                upstream_updated_at=updated_at,
-                created_at=created_at,
-                deleted=deleted,
-                data_json=data.raw,
-            )
-            return record, False
-        else:
-            data = decode_exact(data.raw)  # NUL or surrogates: decode, then sanitise
-    sanitised = False
-    data_json: str | bytes | None
-    if data is None:
-        if not deleted:
-            raise InvalidRecord("data is null on a record that is not deleted")
-        data_json = None
-    elif not isinstance(data, dict):
-        raise InvalidRecord(f"data must be an object, got {_type_name(data)}")
-    else:
-        data_json, sanitised = _data_json(data)
-
+    data_json, sanitised = _data_of(raw.get("data"), deleted)
     record = Record(
         collection_id=collection_id,
         upstream_id=upstream_id,
@@ -383,6 +353,31 @@ def validate(raw: Any) -> tuple[Record, bool]:
         data_json=data_json,
     )
     return record, sanitised
+
+
+def _data_of(data: Any, deleted: bool) -> tuple[str | bytes | None, bool]:
+    """``data`` as JSON text for jsonb, and whether it had to be sanitised.
+
+    Raw JSON from the wire passes through as its bytes unless it holds a NUL or surrogate
+    escape; then it is decoded and goes the way of decoded data.
+    """
+    if isinstance(data, RawJSON):
+        kind = data.kind()
+        if kind == "null":
+            data = None
+        elif kind != "object":
+            raise InvalidRecord(f"data must be an object, got {kind}")
+        elif _RAW_SUSPECT.search(data.raw) is None:
+            return data.raw, False
+        else:
+            data = decode_exact(data.raw)
+    if data is None:
+        if not deleted:
+            raise InvalidRecord("data is null on a record that is not deleted")
+        return None, False
+    if not isinstance(data, dict):
+        raise InvalidRecord(f"data must be an object, got {_type_name(data)}")
+    return _data_json(data)
 
 
 def _data_json(data: dict[str, Any]) -> tuple[str, bool]:

@@ -7,7 +7,6 @@ leadership is lost and keeps going until stopped; ``backfill`` returns once caug
 
 from __future__ import annotations
 
-import random
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from worker.lease import Lease
 from worker.locks import consumer_lock_key
 from worker.metrics import Metrics
 from worker.store import ApplyResult, ConsumerConfig, PgStore, StoreUnavailable, connect
-from worker.sync import DatabaseUnavailable, LoopState, Mode, SyncLoop, Totals
+from worker.sync import DatabaseUnavailable, LoopState, Mode, SyncLoop, Totals, backoff_delay
 
 log = structlog.get_logger("worker.service")
 
@@ -97,7 +96,7 @@ def migrate_with_retry(
             attempt += 1
             if max_retries is not None and attempt > max_retries:
                 raise DatabaseUnavailable(f"cannot reach the database: {exc}") from None
-            wait = min(30.0, 0.5 * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+            wait = backoff_delay(attempt)
             log.warning("db_retry", reason=str(exc), attempt=attempt, wait_s=round(wait, 3))
             state.beat("db_retry")
             stop.wait(wait)

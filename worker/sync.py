@@ -91,6 +91,12 @@ def poll_delay(interval: float, rng: random.Random | None = None) -> float:
     return interval * (0.8 + 0.4 * r)
 
 
+def backoff_delay(attempt: int, initial: float = 0.5, cap: float = 30.0) -> float:
+    """Wait before retry ``attempt`` (1-based): exponential up to ``cap``, with jitter so that
+    several workers do not retry in step."""
+    return min(cap, initial * 2.0 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+
+
 @dataclass(slots=True)
 class Fetched:
     page: ParsedPage
@@ -290,7 +296,7 @@ class SyncLoop:
                     raise DatabaseUnavailable(
                         f"the database stayed unreachable ({failures} attempts): {exc}"
                     ) from None
-                wait = min(30.0, 0.5 * 2 ** (failures - 1)) * random.uniform(0.5, 1.0)
+                wait = backoff_delay(failures)
                 log.warning("db_retry", reason=str(exc), attempt=failures, wait_s=round(wait, 3))
                 self.state.beat("db_retry")
                 self._stop.wait(wait)
