@@ -105,6 +105,18 @@ class Metrics:
             "1 when the last page was not full (the stream is drained).",
             registry=r,
         )
+        self.batch_failures = Counter(
+            "sequin_worker_batch_failures_total",
+            "Failed attempts to apply a batch, by failure class "
+            "(connection_lost, transient, resource, permanent).",
+            ["class"],
+            registry=r,
+        )
+        self.batch_failing = Gauge(
+            "sequin_worker_batch_failing_seconds",
+            "Seconds the batch now being applied has been failing (0 after a commit).",
+            registry=r,
+        )
         self._newest: float | None = None
 
     def _lag(self) -> float:
@@ -139,11 +151,17 @@ class Metrics:
         for collection, n in dead_by_collection.items():
             self.records_dead_lettered.labels(collection=collection).inc(n)
         self.last_commit.set(time.time())
+        self.batch_failing.set(0)
         if newest is not None:
             ts = newest.timestamp()
             if self._newest is None or ts > self._newest:
                 self._newest = ts
                 self.newest_applied.set(ts)
+
+    def observe_batch_failure(self, failure_class: str, failing_for: float) -> None:
+        """One failed attempt of the current batch, failing for ``failing_for`` seconds."""
+        self.batch_failures.labels(**{"class": failure_class}).inc()
+        self.batch_failing.set(failing_for)
 
     def set_leader(self, is_leader: bool) -> None:
         self.leader.set(1 if is_leader else 0)
