@@ -2,11 +2,18 @@
 
 A view exposes ``upstream_id``, ``upstream_updated_at`` and every top-level key of ``data``
 as a typed column. Types are inferred from the collection's most recent rows: numbers
-``numeric``, booleans ``boolean``, strings that are all ISO timestamps ``timestamptz``, other
-strings ``text``, objects and arrays ``jsonb``; a key whose values mix kinds is ``jsonb``
-(or ``text`` when they are all scalars). Views follow the JSON: a key that appears upstream
-shows up at the next refresh (``sequin-worker views``, or automatically when a collection
-first appears and when a backfill catches up).
+``numeric``, booleans ``boolean``, strings that are all ISO 8601 timestamps with an offset
+``timestamptz`` (read through ``{schema}.try_timestamptz``: any other string in such a column,
+'now' and 'infinity' included, reads as NULL), other strings ``text``, objects and arrays
+``jsonb``; a key whose values mix kinds is ``jsonb`` (or ``text`` when they are all scalars).
+Views follow the JSON: a key that appears upstream shows up at the next refresh
+(``sequin-worker views``, or automatically when a collection first appears and when the
+stream catches up). A key keeps its column name and position for the life of the view
+(``{schema}.views.column_map``); new keys are appended.
+
+A refresh never holds up readers or the sync: an unchanged view gets no DDL, appended
+columns use ``CREATE OR REPLACE VIEW``, and the DDL waits at most :data:`LOCK_TIMEOUT_MS` for
+its lock before the refresh of that view is deferred.
 
 Names from upstream data are sanitised (lower case, ``[a-z0-9_]``, at most 63 bytes) and
 then quoted with :class:`psycopg.sql.Identifier`; the data keys themselves only ever reach
