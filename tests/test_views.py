@@ -304,3 +304,21 @@ def test_the_views_command_covers_rows_stored_without_auto_views(sim: Simulator,
     assert again.returncode == 0 and "deferred" not in again.stdout
     refreshed = [e for e in _events(again.stderr) if e["event"] == "view_refreshed"]
     assert refreshed == []  # "unchanged" is logged at debug level only
+
+
+def test_a_type_change_recreates_the_view_keeping_names_and_order(sim: Simulator, db: str) -> None:
+    env = worker_env(sim, db, SEQUIN_AUTO_VIEWS="true")
+    sim.append([sim.make_record("acme:widget", "w1", _ts(1), {"price": 1, "name": "a"})])
+    assert run_cli(["backfill"], env).returncode == 0
+    sim.append([sim.make_record("acme:widget", "w2", _ts(2), {"price": "n/a", "name": "b"})])
+    assert run_cli(["backfill"], {**env, "SEQUIN_AUTO_VIEWS": "false"}).returncode == 0
+    proc = run_cli(["views"], env)
+    assert proc.returncode == 0, proc.stderr
+    refreshed = [e for e in _events(proc.stderr) if e["event"] == "view_refreshed"]
+    assert [(e["view"], e["action"]) for e in refreshed] == [(VIEW, "recreated")]
+    assert _columns(db) == [
+        ("upstream_id", "text"),
+        ("upstream_updated_at", "timestamp with time zone"),
+        ("name", "text"),
+        ("price", "text"),  # numbers and strings: text, same name, same place
+    ]
