@@ -138,28 +138,54 @@ WITH sample AS (
 SELECT e.key,
        jsonb_typeof(e.value) AS type,
        bool_and(jsonb_typeof(e.value) <> 'string'
-                OR (e.value #>> '{{}}') ~ '^\d{{4}}-\d{{2}}-\d{{2}}[T ]\d{{2}}:\d{{2}}(:\d{{2}}(\.\d+)?)?(Z|[+-]\d{{2}}(:?\d{{2}})?)$') AS timestamps
+                OR {schema}.is_iso_timestamp(e.value #>> '{{}}')) AS timestamps
 FROM sample, jsonb_each(sample.data) AS e(key, value)
 GROUP BY e.key, jsonb_typeof(e.value)
 ORDER BY e.key
 
--- name: collections_present
-SELECT DISTINCT collection_id FROM {schema}.records ORDER BY collection_id
+-- name: collections_all
+-- Every collection in the records table for `sequin-worker views`: a skip scan of the primary
+-- key (one index probe per collection) instead of reading every row.
+WITH RECURSIVE c(collection_id) AS (
+    (SELECT collection_id FROM {schema}.records ORDER BY collection_id LIMIT 1)
+    UNION ALL
+    SELECT (SELECT r.collection_id FROM {schema}.records AS r
+            WHERE r.collection_id > c.collection_id
+            ORDER BY r.collection_id LIMIT 1)
+    FROM c WHERE c.collection_id IS NOT NULL
+)
+SELECT collection_id FROM c WHERE collection_id IS NOT NULL
 
 -- name: view_of_collection
-SELECT view_name FROM {schema}.views WHERE collection_id = %(collection)s
+-- The registered view of a collection and the columns it was given.
+SELECT view_name, column_map FROM {schema}.views WHERE collection_id = %(collection)s
 
 -- name: view_is_ours
+-- Whether the worker made the view of this name.
 SELECT 1 FROM {schema}.views WHERE view_name = %(view)s
 
 -- name: views_known
+-- Collections that have a view (the keeper's list of what to refresh).
 SELECT collection_id FROM {schema}.views
 
+-- name: view_columns
+-- The columns a view has now (name, type) in order; none when the view does not exist.
+SELECT a.attname, format_type(a.atttypid, a.atttypmod)
+FROM pg_attribute AS a
+JOIN pg_class AS c ON c.oid = a.attrelid
+JOIN pg_namespace AS s ON s.oid = c.relnamespace
+WHERE s.nspname = %(schema)s AND c.relname = %(view)s AND c.relkind = 'v'
+  AND a.attnum > 0 AND NOT a.attisdropped
+ORDER BY a.attnum
+
 -- name: view_register
-INSERT INTO {schema}.views (view_name, collection_id, columns)
-VALUES (%(view)s, %(collection)s, %(columns)s)
-ON CONFLICT (view_name) DO UPDATE SET columns = EXCLUDED.columns, refreshed_at = now()
+-- Record (or update) a view the worker made, with its columns.
+INSERT INTO {schema}.views (view_name, collection_id, columns, column_map)
+VALUES (%(view)s, %(collection)s, %(columns)s, %(column_map)s)
+ON CONFLICT (view_name) DO UPDATE
+SET columns = EXCLUDED.columns, column_map = EXCLUDED.column_map, refreshed_at = now()
 
 -- name: relation_exists
+-- Whether any relation of this name exists in the schema.
 SELECT 1 FROM pg_class c JOIN pg_namespace s ON s.oid = c.relnamespace
 WHERE s.nspname = %(schema)s AND c.relname = %(name)s

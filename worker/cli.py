@@ -232,7 +232,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_views(_args: argparse.Namespace) -> int:
     from worker.status import schema_exists
     from worker.store import connect
-    from worker.views import refresh_views
+    from worker.views import LOCK_TIMEOUT_MS, all_collections, refresh_views
 
     settings = _settings(("database_url",))
     assert settings.database_url is not None
@@ -242,10 +242,17 @@ def cmd_views(_args: argparse.Namespace) -> int:
                 f"schema {settings.db_schema!r} has no worker tables: run `sequin-worker migrate`"
             )
         migrate(conn, settings.db_schema)  # the views registry arrived in a later migration
-        done = refresh_views(conn, settings.db_schema)
+        # Every collection, by a skip scan of the primary key (cheap): this command is also
+        # how views get made for rows stored while SEQUIN_AUTO_VIEWS was off.
+        done = refresh_views(conn, settings.db_schema, all_collections(conn, settings.db_schema))
     for r in done:
         if r.skipped:
             print(f"skipped {settings.db_schema}.{r.view} ({r.collection_id}): {r.skipped}")
+        elif r.action == "deferred":
+            print(
+                f"deferred {settings.db_schema}.{r.view} ({r.collection_id}): a transaction "
+                f"held it for over {LOCK_TIMEOUT_MS} ms; left as it was, run again later"
+            )
         else:
             print(f"{settings.db_schema}.{r.view}: {r.collection_id}, {r.columns} data columns")
     if not done:

@@ -2,11 +2,18 @@
 
 A view exposes ``upstream_id``, ``upstream_updated_at`` and every top-level key of ``data``
 as a typed column. Types are inferred from the collection's most recent rows: numbers
-``numeric``, booleans ``boolean``, strings that are all ISO timestamps ``timestamptz``, other
-strings ``text``, objects and arrays ``jsonb``; a key whose values mix kinds is ``jsonb``
-(or ``text`` when they are all scalars). Views follow the JSON: a key that appears upstream
-shows up at the next refresh (``sequin-worker views``, or automatically when a collection
-first appears and when a backfill catches up).
+``numeric``, booleans ``boolean``, strings that are all ISO 8601 timestamps with an offset
+``timestamptz`` (read through ``{schema}.try_timestamptz``: any other string in such a column,
+'now' and 'infinity' included, reads as NULL), other strings ``text``, objects and arrays
+``jsonb``; a key whose values mix kinds is ``jsonb`` (or ``text`` when they are all scalars).
+Views follow the JSON: a key that appears upstream shows up at the next refresh
+(``sequin-worker views``, or automatically when a collection first appears and when the
+stream catches up). A key keeps its column name and position for the life of the view
+(``{schema}.views.column_map``); new keys are appended.
+
+A refresh never holds up readers or the sync: an unchanged view gets no DDL, appended
+columns use ``CREATE OR REPLACE VIEW``, and the DDL waits at most :data:`LOCK_TIMEOUT_MS` for
+its lock before the refresh of that view is deferred.
 
 Names from upstream data are sanitised (lower case, ``[a-z0-9_]``, at most 63 bytes) and
 then quoted with :class:`psycopg.sql.Identifier`; the data keys themselves only ever reach
@@ -16,13 +23,17 @@ SQL as quoted literals. The worker replaces only views it created (listed in
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import psycopg
+import psycopg.errors
 import structlog
 from psycopg import sql
+from psycopg.types.json import Jsonb
 
 from worker import sqlfiles
 from worker.locks import lock_key
@@ -34,6 +45,13 @@ MAX_IDENT = 63
 SAMPLE_ROWS = 10_000
 RESERVED_COLUMNS = frozenset({"upstream_id", "upstream_updated_at"})
 RESERVED_RELATIONS = frozenset({"records", "cursors", "dead_letters", "schema_migrations", "views"})
+# How long a view's DDL may wait for its lock. DROP/CREATE OR REPLACE VIEW need an
+# ACCESS EXCLUSIVE lock, which waits for every open transaction that has read the view, and
+# every later reader queues behind the waiting DDL: so the DDL waits only a moment, then the
+# refresh of that view is deferred to the next one.
+LOCK_TIMEOUT_MS = 300
+# How long a refresh waits for its turn behind another refresh of the same schema.
+TURN_TIMEOUT_MS = 5_000
 
 
 def sanitise_name(raw: str, fallback: str = "col") -> str:
@@ -76,16 +94,30 @@ def infer_type(kinds: set[str], all_timestamps: bool) -> str:
     return "text"
 
 
-def plan_columns(key_types: Iterable[tuple[str, str, bool]]) -> list[Column]:
-    """Columns from (key, json type, all strings are timestamps) rows, sorted by key."""
+def plan_columns(
+    key_types: Iterable[tuple[str, str, bool]], previous: Sequence[Column] = ()
+) -> list[Column]:
+    """Columns from (key, json type, all strings are timestamps) rows.
+
+    ``previous`` is the view's current column list: every key in it keeps its column name and
+    position (its type follows the sample, unless the sample holds only nulls for it; a key
+    gone from the sample keeps its column too), and keys new to the view are appended, sorted,
+    with names that avoid every name already taken. So a new key ``ID`` next to an existing
+    ``id`` becomes ``id_2`` and ``id`` keeps meaning what it meant.
+    """
     kinds: dict[str, set[str]] = {}
     stamps: dict[str, bool] = {}
     for key, kind, is_ts in key_types:
         kinds.setdefault(key, set()).add(kind)
         stamps[key] = stamps.get(key, True) and bool(is_ts)
-    taken = set(RESERVED_COLUMNS)
+    taken = set(RESERVED_COLUMNS) | {c.name for c in previous}
     columns = []
-    for key in sorted(kinds):
+    for c in previous:
+        seen = kinds.get(c.key, set()) - {"null"}
+        pg_type = infer_type(seen, stamps[c.key]) if seen else c.pg_type
+        columns.append(Column(c.name, c.key, pg_type))
+    kept = {c.key for c in previous}
+    for key in sorted(kinds.keys() - kept):
         base = sanitise_name(key)
         if base in RESERVED_COLUMNS:
             base = f"data_{base}"
@@ -100,9 +132,10 @@ def plan_columns(key_types: Iterable[tuple[str, str, bool]]) -> list[Column]:
 
 
 def view_statement(
-    schema: str, name: str, collection_id: str, columns: Sequence[Column]
+    schema: str, name: str, collection_id: str, columns: Sequence[Column], *, replace: bool = False
 ) -> sql.Composed:
-    """``CREATE VIEW`` for one collection; every name quoted, every key a literal."""
+    """``CREATE [OR REPLACE] VIEW`` for one collection; every name quoted, every key a
+    literal."""
     exprs: list[sql.Composable] = [sql.SQL("upstream_id"), sql.SQL("upstream_updated_at")]
     for c in columns:
         key = sql.Literal(c.key)
@@ -119,9 +152,10 @@ def view_statement(
             ).format(k=key, kind=sql.Literal(kind), t=sql.SQL(c.pg_type))
         exprs.append(sql.SQL("{} AS {}").format(expr, sql.Identifier(c.name)))
     return sql.SQL(
-        "CREATE VIEW {schema}.{view} AS SELECT {cols} FROM {schema}.records "
+        "CREATE {replace}VIEW {schema}.{view} AS SELECT {cols} FROM {schema}.records "
         "WHERE collection_id = {coll} AND NOT deleted"
     ).format(
+        replace=sql.SQL("OR REPLACE " if replace else ""),
         schema=sql.Identifier(schema),
         view=sql.Identifier(name),
         cols=sql.SQL(", ").join(exprs),
@@ -129,64 +163,144 @@ def view_statement(
     )
 
 
+_CATALOG_TYPES = {"timestamptz": "timestamp with time zone"}
+
+
+def catalog_columns(columns: Sequence[Column]) -> list[tuple[str, str]]:
+    """(name, type) of every column of the view, as ``format_type`` spells the types."""
+    fixed = [("upstream_id", "text"), ("upstream_updated_at", "timestamp with time zone")]
+    return fixed + [(c.name, _CATALOG_TYPES.get(c.pg_type, c.pg_type)) for c in columns]
+
+
+def _column_map(columns: Sequence[Column]) -> Jsonb:
+    return Jsonb([[c.name, c.key, c.pg_type] for c in columns])
+
+
+def _columns_of(column_map: object) -> list[Column]:
+    if not isinstance(column_map, list):
+        return []  # a view made before the registry remembered its columns
+    return [Column(str(n), str(k), str(t)) for n, k, t in column_map]
+
+
+Action = Literal["created", "extended", "recreated", "unchanged", "deferred", "skipped"]
+
+
 @dataclass(frozen=True)
 class Refreshed:
     view: str
     collection_id: str
     columns: int
+    # created: a new view; extended: CREATE OR REPLACE (columns added at the end);
+    # recreated: DROP + CREATE (a column changed type); unchanged: no DDL at all;
+    # deferred: a reader held the view longer than LOCK_TIMEOUT_MS, retried at the next refresh;
+    # skipped: the name belongs to a relation we did not make.
+    action: Action = "created"
     skipped: str | None = None  # why it was not (re)created
 
 
 def refresh_views(
-    conn: psycopg.Connection[tuple[object, ...]],
-    schema: str,
-    collections: Iterable[str] | None = None,
+    conn: psycopg.Connection[tuple[object, ...]], schema: str, collections: Iterable[str]
 ) -> list[Refreshed]:
-    """Create or replace the views of ``collections`` (default: every collection present).
+    """Create, extend or replace the views of ``collections``; leave unchanged ones alone.
 
-    One transaction per view, under a transaction advisory lock so that concurrent refreshes
-    take turns. ``conn`` must be in autocommit mode.
+    One short transaction per view, under a transaction advisory lock so that concurrent
+    refreshes take turns. The view's DDL waits at most ``LOCK_TIMEOUT_MS`` for its lock: a
+    view that a reader holds is reported as ``deferred`` (event ``view_refresh_deferred``)
+    and left as it was, so neither the caller nor any reader of the view waits longer than
+    that. ``conn`` must be in autocommit mode. Other database errors propagate.
     """
-    if collections is None:
-        rows = conn.execute(sqlfiles.query("collections_present", schema))
-        collections = [str(r[0]) for r in rows]
-    done = []
-    for collection_id in collections:
-        done.append(_refresh_one(conn, schema, collection_id))
-    return done
+    return [_refresh_one(conn, schema, c) for c in collections]
 
 
 def _refresh_one(
     conn: psycopg.Connection[tuple[object, ...]], schema: str, collection_id: str
 ) -> Refreshed:
-    ident = sql.Identifier(schema)
-    with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock_key("views", schema),))
-        row = conn.execute(
-            sqlfiles.query("view_of_collection", schema), {"collection": collection_id}
-        ).fetchone()
-        name = str(row[0]) if row else _free_name(conn, schema, view_name(collection_id))
-        if name is None:
-            wanted = view_name(collection_id)
-            log.warning("view_name_taken", view=wanted, collection=collection_id)
-            return Refreshed(
-                wanted, collection_id, 0, skipped=f"{schema}.{wanted} exists and is not ours"
-            )
-        key_types = conn.execute(
-            sqlfiles.query("view_key_types", schema),
-            {"collection": collection_id, "sample": SAMPLE_ROWS},
-        ).fetchall()
-        columns = plan_columns((str(k), str(t), bool(ts)) for k, t, ts in key_types)
-        conn.execute(sql.SQL("DROP VIEW IF EXISTS {}.{}").format(ident, sql.Identifier(name)))
-        conn.execute(view_statement(schema, name, collection_id, columns))
-        conn.execute(
-            sqlfiles.query("view_register", schema),
-            {"view": name, "collection": collection_id, "columns": len(columns)},
+    name = view_name(collection_id)
+    try:
+        with conn.transaction():
+            done = _plan_and_apply(conn, schema, collection_id)
+    except psycopg.errors.LockNotAvailable:
+        log.warning(
+            "view_refresh_deferred",
+            view=f"{schema}.{name}",
+            collection=collection_id,
+            lock_timeout_ms=LOCK_TIMEOUT_MS,
         )
-    log.info(
-        "view_refreshed", view=f"{schema}.{name}", collection=collection_id, columns=len(columns)
+        return Refreshed(name, collection_id, 0, action="deferred")
+    if done.action == "skipped":
+        log.warning("view_name_taken", view=done.view, collection=collection_id)
+    else:
+        log.log(
+            logging.DEBUG if done.action == "unchanged" else logging.INFO,
+            "view_refreshed",
+            view=f"{schema}.{done.view}",
+            collection=collection_id,
+            columns=done.columns,
+            action=done.action,
+        )
+    return done
+
+
+def _set_lock_timeout(conn: psycopg.Connection[tuple[object, ...]], ms: int) -> None:
+    conn.execute("SELECT set_config('lock_timeout', %s, true)", (f"{ms}ms",))
+
+
+def _plan_and_apply(
+    conn: psycopg.Connection[tuple[object, ...]], schema: str, collection_id: str
+) -> Refreshed:
+    # Concurrent refreshes (the keeper, `sequin-worker views`) each hold this lock for one
+    # short transaction, so waiting for it is bounded; the bound is there all the same.
+    _set_lock_timeout(conn, TURN_TIMEOUT_MS)
+    conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock_key("views", schema),))
+    row = conn.execute(
+        sqlfiles.query("view_of_collection", schema), {"collection": collection_id}
+    ).fetchone()
+    name = str(row[0]) if row else _free_name(conn, schema, view_name(collection_id))
+    if name is None:
+        wanted = view_name(collection_id)
+        reason = f"{schema}.{wanted} exists and is not ours"
+        return Refreshed(wanted, collection_id, 0, action="skipped", skipped=reason)
+    previous = _columns_of(row[1]) if row else []
+    key_types = conn.execute(
+        sqlfiles.query("view_key_types", schema),
+        {"collection": collection_id, "sample": SAMPLE_ROWS},
+    ).fetchall()
+    columns = plan_columns(((str(k), str(t), bool(ts)) for k, t, ts in key_types), previous)
+    current = [
+        (str(n), str(t))
+        for n, t in conn.execute(
+            sqlfiles.query("view_columns", schema), {"schema": schema, "view": name}
+        )
+    ]
+    wanted_cols = catalog_columns(columns)
+    action: Action
+    if not current:
+        action = "created"
+    elif current == wanted_cols and previous == columns:
+        action = "unchanged"
+    elif wanted_cols[: len(current)] == current:
+        action = "extended"  # Postgres allows OR REPLACE when columns are only appended
+    else:
+        action = "recreated"
+    if action != "unchanged":
+        # From here on a reader of the view would queue behind us, and every later reader
+        # behind them: wait only a moment, then give up and leave the view as it is.
+        _set_lock_timeout(conn, LOCK_TIMEOUT_MS)
+        if action == "recreated":
+            ident = sql.Identifier(schema)
+            conn.execute(sql.SQL("DROP VIEW IF EXISTS {}.{}").format(ident, sql.Identifier(name)))
+        stmt = view_statement(schema, name, collection_id, columns, replace=action == "extended")
+        conn.execute(stmt)
+    conn.execute(
+        sqlfiles.query("view_register", schema),
+        {
+            "view": name,
+            "collection": collection_id,
+            "columns": len(columns),
+            "column_map": _column_map(columns),
+        },
     )
-    return Refreshed(name, collection_id, len(columns))
+    return Refreshed(name, collection_id, len(columns), action=action)
 
 
 def _free_name(
@@ -210,5 +324,15 @@ def _free_name(
 
 
 def known_collections(conn: psycopg.Connection[tuple[object, ...]], schema: str) -> set[str]:
-    """Collections that already have a view."""
+    """Collections that already have a view (the registry: a small table)."""
     return {str(r[0]) for r in conn.execute(sqlfiles.query("views_known", schema))}
+
+
+def all_collections(conn: psycopg.Connection[tuple[object, ...]], schema: str) -> list[str]:
+    """Every collection in the records table, for ``sequin-worker views``.
+
+    A skip scan of the primary key: one index probe per collection, not a read of every row
+    as ``SELECT DISTINCT`` would do. The worker's own upkeep never calls this: it knows the
+    collections from its batches and from the registry.
+    """
+    return [str(r[0]) for r in conn.execute(sqlfiles.query("collections_all", schema))]
