@@ -205,7 +205,7 @@ def test_record_spans_give_each_record_exactly_as_received() -> None:
     assert body[start - 1 : start] == b"[" and body[end : end + 1] == b"]"
     assert record_spans(b'{"records": [], "cursor": "x"}')[0] == []
     assert record_spans(b'{"rec\\u006frds": [1,2], "cursor": "x"}')[0] == [b"1", b"2"]
-    with pytest.raises(ValueError, match="no .records. array"):
+    with pytest.raises(ValueError, match="no 'records' array"):
         record_spans(b'{"cursor": "x"}')
 
 
