@@ -737,3 +737,25 @@ def test_a_body_with_two_records_or_cursor_keys_is_refused_as_ambiguous(
     assert dead_letters(db) == []
     row = cursor_row(db)
     assert row["cursor"] == "c1" and row["records_applied"] == 2
+
+
+def test_invalid_utf8_inside_data_on_an_otherwise_clean_page_is_dead_lettered(
+    sim: Simulator, db: str
+) -> None:
+    """The fast path passes ``data`` through undecoded, so Postgres is the one to find its
+    invalid UTF-8: the batch is applied again row by row and only that record is
+    dead-lettered, with its bytes escaped."""
+    from worker.simulator import HOSTILE_ITEMS
+
+    sim.append([sim.make_record("stripe:customer", "before", at(1), {"v": 1})])
+    (item,) = sim.append_hostile(["invalid-utf8-data"], sort_ts=at(2))
+    sim.append([sim.make_record("hubspot:deal", "after", at(3), {"v": 3})])
+
+    backfill(sim, db)
+
+    assert_table_matches(db, sim.expected_state())
+    dead = dead_letters(db)
+    assert [d["raw"] for d in dead] == [item.decode("utf-8", "backslashreplace")]
+    assert item == HOSTILE_ITEMS["invalid-utf8-data"]
+    assert dead[0]["upstream_id"] == "hostile-utf8-data"
+    assert_cursor_at_the_end(sim, db, rows=sim.record_count())

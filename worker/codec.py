@@ -59,10 +59,9 @@ def decode_page(body: bytes) -> tuple[list[Any], str]:
 def decode_fast(body: bytes) -> tuple[list[Any], str] | None:
     """The whole page with msgspec, or None when this path cannot vouch for it (then
     :func:`decode_split` decides). Raises ``ValueError`` only for a missing cursor."""
-    # msgspec checks UTF-8 only in the strings it decodes, not inside the raw ``data`` it
-    # passes through nor in fields it skips; ASCII (the usual page) needs no second look.
-    if not body.isascii() and not _is_utf8(body):
-        return None
+    # msgspec checks UTF-8 in the strings it decodes (the key fields, the cursor), not inside
+    # the raw ``data`` it passes through: there Postgres refuses invalid UTF-8 and the store
+    # dead-letters that row alone. Checking here would cost as much as decoding the page.
     try:
         wire = _WIRE_PAGE.decode(body)
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
