@@ -221,6 +221,8 @@ def test_bad_envelopes_stay_retryable_bad_bodies() -> None:
         (b'{"records": [1], "records": [2], "cursor": "c"}', "ambiguous"),
         (b'{"records": [1], "cursor": "c", "cursor": "d"}', "ambiguous"),
         (b"<html>502</html>", "not JSON"),
+        (b'{"records":', "not JSON"),
+        (b'{"records": 5, "cursor": "c"}', "no 'records' array"),
     ]:
         with pytest.raises(ValueError, match=reason):
             decode_page(body)

@@ -40,6 +40,7 @@ _WIRE_RECORD = msgspec.json.Decoder(WireRecord)
 _STRUCTURAL = re.compile(rb'["\[\]{},:]')
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 _JSON_SPACE = b" \t\r\n"
+_SPACES = re.compile(rb"[ \t\r\n]*")
 _OPENER = {ord("]"): ord("["), ord("}"): ord("{")}
 # A \u escape of a printable ASCII character (which no serialiser needs): the only way a key
 # could spell "records" or "cursor" without those bytes appearing literally.
@@ -67,11 +68,12 @@ def decode_fast(body: bytes) -> tuple[list[Any], str] | None:
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         return None
     # msgspec lets the last of two equal keys win; a second "records" or "cursor" key is
-    # refused by the split path instead. Two memchr-speed counts rule it out on most pages.
+    # refused by the split path instead. Two byte counts rule it out (~0.1 ms per 100 kB),
+    # and a memchr for a backslash rules out keys spelled with escapes on most pages.
     if (
         body.count(b'"records"') != 1
         or body.count(b'"cursor"') != 1
-        or (b"\\u00" in body and _ESCAPED_ASCII.search(body) is not None)
+        or (b"\\" in body and b"\\u00" in body and _ESCAPED_ASCII.search(body) is not None)
     ):
         return None
     if not isinstance(wire.cursor, str) or not wire.cursor:
@@ -140,8 +142,8 @@ def record_spans(body: bytes) -> tuple[list[bytes], int, int]:
     ``records`` key whose value is an array. It checks structure, not tokens: the caller
     decodes the envelope and each item.
     """
-    first = body.lstrip(_JSON_SPACE)[:1]
-    if first != b"{":
+    first = _skip_space(body, 0)
+    if body[first : first + 1] != b"{":
         try:
             decode_exact(body)
         except (ValueError, RecursionError) as exc:
@@ -172,7 +174,10 @@ def record_spans(body: bytes) -> tuple[list[bytes], int, int]:
                 if key_is_records:
                     if start >= 0:
                         raise ValueError("body has more than one 'records' key (ambiguous)")
-                    if body[pos:].lstrip(_JSON_SPACE)[:1] != b"[":
+                    j = _skip_space(body, pos)
+                    if j == len(body):
+                        break  # truncated: reported below
+                    if body[j : j + 1] != b"[":
                         raise ValueError("body has no 'records' array")
         elif c in (0x5B, 0x7B):  # [ {
             if len(stack) == 1 and key_is_records and start < 0:
@@ -196,6 +201,11 @@ def record_spans(body: bytes) -> tuple[list[bytes], int, int]:
     if start < 0 or end < 0:
         raise ValueError("body has no 'records' array")
     return items, start, end
+
+
+def _skip_space(body: bytes, pos: int) -> int:
+    m = _SPACES.match(body, pos)
+    return m.end() if m is not None else pos
 
 
 def item_text(item: bytes) -> str:
