@@ -110,8 +110,10 @@ class InvalidRecord(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Undecodable:
-    """An item of a page that could not even be decoded (e.g. nested too deeply for the
-    decoder); ``raw`` is its exact text from the wire."""
+    """An item of a page that could not even be decoded (not JSON: ``NaN``, invalid UTF-8, a
+    stray comma; or nested too deeply for the decoder); ``raw`` is its text from the wire,
+    with bytes that are not UTF-8 (and NUL) as ``\\xNN`` escapes (see
+    :func:`worker.codec.item_text`)."""
 
     raw: str
     reason: str
