@@ -239,7 +239,7 @@ def test_dumps_verbatim_round_trips(value: Any) -> None:
 
 
 def test_raw_data_from_the_wire_passes_through_untouched() -> None:
-    from worker.api import decode_page
+    from worker.codec import decode_page
     from worker.records import RawJSON
 
     body = (

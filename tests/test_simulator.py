@@ -31,7 +31,14 @@ import orjson
 import pytest
 import requests
 
-from worker.simulator import FaultConfig, RequestLogEntry, Simulator, format_ts, parse_ts
+from worker.simulator import (
+    HOSTILE_ITEMS,
+    FaultConfig,
+    RequestLogEntry,
+    Simulator,
+    format_ts,
+    parse_ts,
+)
 
 TOKEN = "dev-token"
 FIELDS = [
@@ -480,6 +487,25 @@ def test_append_raw_invalid_utf8(session: requests.Session) -> None:
         assert b'"\xed\xa0\x80"' in response.content
         with pytest.raises(UnicodeDecodeError):
             response.content.decode("utf-8")
+
+
+# -- hostile items
+
+
+def test_append_hostile_emits_each_item_verbatim_in_one_page(session: requests.Session) -> None:
+    with Simulator(records=3, seed=5) as sim:
+        sent = sim.append_hostile()
+        assert sent == list(HOSTILE_ITEMS.values())
+        body = get(session, sim, limit=500).content
+        # In order, each exactly as listed, separated only by the array's commas.
+        assert b",".join(sent) + b"]" in body
+        assert sim.record_count(include_raw=True) == 3 + len(HOSTILE_ITEMS)
+        assert sim.append_hostile(["null", "nan"]) == [HOSTILE_ITEMS["null"], HOSTILE_ITEMS["nan"]]
+        with pytest.raises(ValueError, match="unknown hostile items"):
+            sim.append_hostile(["no-such-kind"])
+
+
+# -- end hostile items
 
 
 # --------------------------------------------------------------------------- expected state

@@ -9,8 +9,9 @@
   transient failures. ``max_retries=None`` retries for ever (the ``run`` service).
 
 Transient failures are retried with exponential backoff and full jitter: connection errors,
-timeouts, 429 (waiting at least ``Retry-After``), 500/502/503/504, and bodies that are not
-JSON or not the documented ``{"records": [...], "cursor": "..."}`` shape. Each retry is
+timeouts, 429 (waiting at least ``Retry-After``), 500/502/503/504, and bodies whose envelope
+cannot be read as the documented ``{"records": [...], "cursor": "..."}`` (see
+:mod:`worker.codec`: a bad *item* does not make the body bad; it is dead-lettered). Each retry is
 logged as ``api_retry`` with its reason.
 
 The token is sent only in the ``Authorization`` header, never logged, never part of an
@@ -22,24 +23,20 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
-import msgspec
-import orjson
 import requests
 import structlog
 import tenacity
 
+from worker.codec import decode_page, raw_texts_once
 from worker.config import is_loopback_host
-from worker.records import Undecodable, WirePage, decode_exact, wire_to_dict
 
 log = structlog.get_logger("worker.api")
 
@@ -100,156 +97,9 @@ class Page:
         return len(self.records) >= self.limit
 
     def raw_texts(self) -> Callable[[], list[str] | None] | None:
-        """A function giving the exact text of each record as received (for dead letters).
-
-        It holds only the body bytes, not the decoded records, so that nothing decoded stays
-        alive while its batch waits to be written.
-        """
-        return None if self.body is None else partial(raw_texts_of, self.body)
-
-
-def raw_texts_of(body: bytes) -> list[str] | None:
-    """The text of each item of ``body``'s records array, or None if it cannot be split."""
-    try:
-        items, _, _ = record_spans(body)
-    except ValueError:
-        return None
-    return [item.decode("utf-8", "replace") for item in items]
-
-
-# orjson reads integers beyond 64 bits as doubles (and every fraction as a double): a run
-# of 16 digits sends the body to the exact decoder instead. Mapping every digit to "0" and
-# searching for the run is ~10x cheaper than a regex over each page.
-_DIGITS_TO_ZERO = bytes.maketrans(b"0123456789", b"0" * 10)
-_DIGIT_RUN = b"0" * 16
-
-
-_WIRE = msgspec.json.Decoder(WirePage)
-
-
-def has_long_digit_run(body: bytes) -> bool:
-    return _DIGIT_RUN in body.translate(_DIGITS_TO_ZERO)
-
-
-_STRUCTURAL = re.compile(rb'["\[\]{},:]')
-_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
-
-
-def record_spans(body: bytes) -> tuple[list[bytes], int, int]:
-    """The raw bytes of each item of the top-level ``records`` array, and where the array's
-    contents start and end in ``body``. A small scanner: strings are skipped whole, so
-    brackets and commas inside them do not count. Raises ``ValueError`` if not found."""
-    pos, level = 0, 0
-    key: bytes | None = None
-    last_string = (0, 0)
-    start = end = -1
-    item_start = 0
-    items: list[bytes] = []
-    while True:
-        m = _STRUCTURAL.search(body, pos)
-        if m is None:
-            break
-        i = m.start()
-        ch = body[i : i + 1]
-        pos = i + 1
-        if ch == b'"':
-            s = _STRING.match(body, i)
-            if s is None:
-                raise ValueError("unterminated string")
-            last_string, pos = (i, s.end()), s.end()
-        elif ch == b":":
-            if level == 1:
-                key = body[last_string[0] : last_string[1]]
-        elif ch in (b"[", b"{"):
-            if level == 1 and ch == b"[" and start < 0 and _is_records(key):
-                start = item_start = i + 1
-            level += 1
-        elif ch in (b"]", b"}"):
-            level -= 1
-            if start >= 0 and end < 0 and level == 1:
-                end = i
-                item = body[item_start:i].strip()
-                if item:
-                    items.append(item)
-        elif ch == b"," and start >= 0 and end < 0 and level == 2:
-            items.append(body[item_start:i].strip())
-            item_start = i + 1
-    if start < 0 or end < 0:
-        raise ValueError("no records array")
-    return items, start, end
-
-
-def _is_records(key: bytes | None) -> bool:
-    if key is None:
-        return False
-    try:
-        return bool(json.loads(key) == "records")
-    except ValueError:
-        return False
-
-
-def _decode_slow(body: bytes) -> Any:
-    """The exact decoder (numbers kept exactly, lone surrogates allowed). A record nested too
-    deeply for it becomes an :class:`Undecodable` item instead of failing the page."""
-    try:
-        return decode_exact(body)
-    except RecursionError:
-        pass
-    except ValueError as exc:  # includes UnicodeDecodeError
-        raise ValueError(f"body is not JSON ({_short(exc)})") from None
-    items, start, end = record_spans(body)
-    try:
-        doc = decode_exact(body[:start] + body[end:])
-    except (ValueError, RecursionError) as exc:
-        raise ValueError(f"body is not JSON ({_short(exc)})") from None
-    if isinstance(doc, dict):
-        doc["records"] = [_decode_item(item) for item in items]
-    return doc
-
-
-def _decode_item(item: bytes) -> Any:
-    text = item.decode("utf-8", "replace")
-    try:
-        return decode_exact(item)
-    except RecursionError:
-        return Undecodable(text, "record is nested too deeply to decode")
-    except ValueError as exc:
-        return Undecodable(text, f"record is not valid JSON: {_short(exc)}")
-
-
-def decode_page(body: bytes) -> tuple[list[Any], str]:
-    """Decode a response body into (records, cursor); raise ``ValueError`` if malformed.
-
-    The fast path (msgspec) decodes the documented shape and leaves each record's ``data`` as
-    raw JSON, passed to Postgres as it came. Other bodies go through orjson, or, when orjson
-    cannot read them exactly (lone surrogate escapes, numbers beyond a double, very deep
-    nesting), through the exact stdlib decoder; the records module then decides what each
-    record becomes.
-    """
-    try:
-        wire = _WIRE.decode(body)
-    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
-        pass  # not the usual shape or content: the general decoders below decide
-    else:
-        if not isinstance(wire.cursor, str) or not wire.cursor:
-            raise ValueError("body has no 'cursor' string")
-        return [wire_to_dict(r) for r in wire.records], wire.cursor
-    doc: Any = None
-    if not has_long_digit_run(body):
-        try:
-            doc = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            doc = None
-    if doc is None:
-        doc = _decode_slow(body)
-    if not isinstance(doc, dict):
-        raise ValueError("body is not a JSON object")
-    records, cursor = doc.get("records"), doc.get("cursor")
-    if not isinstance(records, list):
-        raise ValueError("body has no 'records' array")
-    if not isinstance(cursor, str) or not cursor:
-        raise ValueError("body has no 'cursor' string")
-    return records, cursor
+        """A function giving the text of each record as received (for dead letters); see
+        :func:`worker.codec.raw_texts_once`."""
+        return None if self.body is None else raw_texts_once(self.body)
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:

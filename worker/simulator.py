@@ -68,6 +68,7 @@ from urllib.parse import parse_qs, urlsplit
 import orjson
 
 __all__ = [
+    "HOSTILE_ITEMS",
     "FaultConfig",
     "RequestLogEntry",
     "Simulator",
@@ -530,6 +531,39 @@ def _error_body(code: str, message: str) -> bytes:
 
 
 # --------------------------------------------------------------------------- simulator
+
+
+# --------------------------------------------------------------------------- hostile items
+# (decode faults: items a client must isolate one by one; see Simulator.append_hostile)
+
+
+def _hostile_record(uid: bytes, data: bytes, upstream_id: bytes | None = None) -> bytes:
+    return (
+        b'{"sync_id": null, "collection_id": "stripe:customer", "upstream_id": "'
+        + (upstream_id if upstream_id is not None else b"hostile-" + uid)
+        + b'", "upstream_updated_at": "2024-01-01T00:00:00Z", "deleted": false, "data": '
+        + data
+        + b"}"
+    )
+
+
+HOSTILE_ITEMS: dict[str, bytes] = {
+    # Valid JSON, not a record.
+    "null": b"null",
+    "string": b'"not a record"',
+    "number": b"12345678.12345678901",
+    "array": b"[1, 2]",
+    # Not JSON, in a record that is otherwise well formed.
+    "nan": _hostile_record(b"nan", b'{"x": NaN}'),
+    "infinity": _hostile_record(b"infinity", b'{"x": -Infinity}'),
+    "invalid-utf8-key": _hostile_record(b"", b'{"x": 1}', upstream_id=b"bad-\xff\xfe-id"),
+    "invalid-utf8-data": _hostile_record(b"utf8-data", b'{"s": "caf\xc3\x28"}'),
+    "nul-byte": _hostile_record(b"nul-byte", b'{"s": "a\x00b"}'),
+}
+"""Named items the simulator can put in a page verbatim. None of them is a storable record:
+a client must dead-letter each (with its bytes) and apply the rest of its page. Bytes that
+are not UTF-8 are sent as they are."""
+# ------------------------------------------------------------------------ end hostile items
 
 
 class Simulator:
@@ -1021,6 +1055,24 @@ class Simulator:
                 self._max_ts if ts_us is None else ts_us,
                 _Extra(data, sync_id, collection_id, False),
             )
+
+    # -------------------------------------------------------------- hostile items
+
+    def append_hostile(
+        self, kinds: Iterable[str] | None = None, sort_ts: str | None = None
+    ) -> list[bytes]:
+        """Append the :data:`HOSTILE_ITEMS` named in ``kinds`` (default: all), in that order,
+        each as one raw item (see :meth:`append_raw`); returns the bytes appended."""
+        names = list(HOSTILE_ITEMS) if kinds is None else list(kinds)
+        unknown = [n for n in names if n not in HOSTILE_ITEMS]
+        if unknown:
+            raise ValueError(f"unknown hostile items {unknown}; known: {sorted(HOSTILE_ITEMS)}")
+        items = [HOSTILE_ITEMS[n] for n in names]
+        for item in items:
+            self.append_raw(item, sort_ts=sort_ts)
+        return items
+
+    # ---------------------------------------------------------- end hostile items
 
     def _insert(self, ts_us: int, extra: _Extra) -> None:
         # Caller holds self._lock.  A new seq is larger than every existing one, so
@@ -1535,6 +1587,14 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--fault-truncate", type=_rate, default=0.0, help="share of truncated bodies"
     )
+    # -- hostile items
+    parser.add_argument(
+        "--hostile-items",
+        action="store_true",
+        help="end the stream with one item of each kind a client must dead-letter alone "
+        "(non-objects, NaN, Infinity, invalid UTF-8, a NUL byte)",
+    )
+    # -- end hostile items
     return parser
 
 
@@ -1565,6 +1625,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"sequin-worker simulate: {exc}", file=sys.stderr)
         return 2
+    if args.hostile_items:  # -- hostile items
+        sim.append_hostile()
     done = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:
