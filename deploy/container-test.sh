@@ -23,8 +23,8 @@
 # up), it prints a loud SKIP and exits 0. Every other failure exits 1.
 #
 # Environment:
-#   CONTAINER_TEST_DATABASE_URL  admin DSN of a Postgres reachable from the host network
-#                                (default postgresql://root@127.0.0.1:5432/postgres)
+#   CONTAINER_TEST_DATABASE_URL  admin URL (postgresql://...) of a Postgres reachable from the
+#                                host network (default postgresql://root@127.0.0.1:5432/postgres)
 #   SEQUIN_CT_DOCKER_ROOT        the daemon's data root (default /var/lib/sequin-worker-docker)
 #   SEQUIN_CT_CACHE              base image tarball cache (default /var/cache/sequin-worker)
 #   DOCKER                       docker client (default /usr/bin/docker, the docker.io package's
@@ -76,7 +76,14 @@ skip() {
     exit 0
 }
 # show CMD...: print the command (so that an operator can repeat it), then run it.
-show() { printf '  $ %s\n' "$*" | sed "s/$TOKEN/\$TOKEN/g" >&2; "$@"; }
+# The token and the database URL (it may carry a password) are shown by name only.
+show() {
+    local line="$*"
+    line="${line//"$TOKEN"/\$TOKEN}"
+    [[ -n "${DSN:-}" ]] && line="${line//"$DSN"/\$DATABASE_URL}"
+    printf '  $ %s\n' "$line" >&2
+    "$@"
+}
 
 sql() { # sql DSN STATEMENT: run one statement, print the first column of the first row
     "$PY" - "$1" "$2" <<'PY'
@@ -136,7 +143,7 @@ if [[ -f "$PIDFILE" ]] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; then
     die "a dockerd from an earlier run is still alive (pid $(cat "$PIDFILE"), $PIDFILE); stop it first"
 fi
 mkdir -p "$DOCKER_ROOT" "$EXEC_ROOT"
-printf '  $ dockerd --data-root %s --exec-root %s --pidfile %s --host unix://%s --iptables=false --bridge=none\n' \
+printf '  $ dockerd --data-root %s --exec-root %s --pidfile %s --host unix://%s --iptables=false --ip-masq=false --bridge=none\n' \
     "$DOCKER_ROOT" "$EXEC_ROOT" "$PIDFILE" "$SOCK"
 dockerd --data-root "$DOCKER_ROOT" --exec-root "$EXEC_ROOT" --pidfile "$PIDFILE" \
     --host "unix://$SOCK" --iptables=false --ip-masq=false --bridge=none \
@@ -229,7 +236,7 @@ psycopg.connect(sys.argv[1], connect_timeout=5).close()
 PY
 sql "$DSN_ADMIN" "CREATE DATABASE $DB" >/dev/null
 created_db=1
-DSN="$("$PY" -c 'import sys; from psycopg.conninfo import make_conninfo; print(make_conninfo(sys.argv[1], dbname=sys.argv[2]))' "$DSN_ADMIN" "$DB")"
+DSN="$("$PY" -c 'import sys, urllib.parse as u; print(u.urlsplit(sys.argv[1])._replace(path="/" + sys.argv[2]).geturl())' "$DSN_ADMIN" "$DB")"
 pass "fresh database $DB"
 
 # Two free ports on the host network (shared with anything else running here).
