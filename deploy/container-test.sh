@@ -178,9 +178,16 @@ else
     if [[ ! -s "$BASE_TAR" ]]; then
         command -v debootstrap >/dev/null 2>&1 || die "debootstrap missing (apt-get install debootstrap)"
         # The host's Debian mirror, as its apt sources name it (apt-get update has run).
-        MIRROR="$(apt-get indextargets --format '$(REPO_URI) $(RELEASE) $(COMPONENT)' 2>/dev/null \
-            | awk -v s="$CODENAME" '$2 == s && $3 == "main" {print $1; exit}')"
-        [[ -n "$MIRROR" ]] || die "no '$CODENAME main' source in the host's apt sources (apt-get update?)"
+        mirror() {
+            apt-get indextargets --format '$(REPO_URI) $(RELEASE) $(COMPONENT)' 2>/dev/null \
+                | awk -v s="$CODENAME" '$2 == s && $3 == "main" {print $1; exit}'
+        }
+        MIRROR="$(mirror)"
+        if [[ -z "$MIRROR" ]]; then  # no package lists yet
+            apt-get update -qq >/dev/null 2>&1 || true
+            MIRROR="$(mirror)"
+        fi
+        [[ -n "$MIRROR" ]] || die "no '$CODENAME main' source in the host's apt sources"
         mkdir -p "$CACHE"
         rootfs="$(mktemp -d "$CACHE/rootfs.XXXXXX")"
         ts=$SECONDS
