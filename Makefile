@@ -9,6 +9,7 @@ DOCKER       ?= docker
 VERSION      := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' worker/__init__.py)
 IMAGE        ?= sequin-worker:$(VERSION)
 PYTHON_IMAGE ?=
+DOCKER_BUILD_FLAGS ?=
 
 .PHONY: demo test lint typecheck pytest crash bench deploy-lint image container-test clean
 
@@ -47,7 +48,7 @@ bench: $(VENV)/.installed-dev
 	$(BIN)/python bench/run.py
 
 image:
-	DOCKER_BUILDKIT=1 $(DOCKER) build -t $(IMAGE) \
+	DOCKER_BUILDKIT=1 $(DOCKER) build $(DOCKER_BUILD_FLAGS) -t $(IMAGE) \
 	  --build-arg VERSION=$(VERSION) \
 	  --build-arg REVISION="$$(git rev-parse HEAD 2>/dev/null || echo unknown)" \
 	  $(if $(PYTHON_IMAGE),--build-arg PYTHON_IMAGE=$(PYTHON_IMAGE)) .

@@ -9,7 +9,8 @@
 #    python3-venv (debootstrap, from the mirror the host's apt sources use, carrying the host's
 #    CA bundle), `docker import`ed. Built once: the daemon's data root and a tarball under
 #    $SEQUIN_CT_CACHE keep it across runs. No registry is contacted, ever.
-# 3. Builds the image from ./Dockerfile with PYTHON_IMAGE=<that base> (pip reaches PyPI only).
+# 3. Builds the image from ./Dockerfile with `make image`, PYTHON_IMAGE=<that base> (pip
+#    reaches PyPI only).
 # 4. Checks, with real containers against the Postgres at $CONTAINER_TEST_DATABASE_URL (a fresh
 #    database is created and dropped): UID 10001 under --read-only --tmpfs /tmp --cap-drop ALL
 #    --security-opt no-new-privileges; `run` (the default command) syncs from the simulator
@@ -58,6 +59,7 @@ TOKEN="ct-token-$RANDOM$RANDOM"
 HARDEN=(--read-only --tmpfs /tmp --cap-drop ALL --security-opt no-new-privileges)
 
 TMP="$(mktemp -d)"
+exec 3>&2
 started_dockerd=""
 created_db=""
 failures=0
@@ -81,7 +83,7 @@ show() {
     local line="$*"
     line="${line//"$TOKEN"/\$TOKEN}"
     [[ -n "${DSN:-}" ]] && line="${line//"$DSN"/\$DATABASE_URL}"
-    printf '  $ %s\n' "$line" >&2
+    printf '  $ %s\n' "$line" >&3  # fd 3: the script's stderr, even when the command's is a log
     "$@"
 }
 
@@ -135,10 +137,27 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # ---------------------------------------------------------------------------------------------
-say "Docker daemon"
+say "preconditions: dockerd, root, Postgres"
+# Where no Docker daemon can be started at all: skip (loudly) before anything else.
 command -v dockerd >/dev/null 2>&1 || skip "no dockerd on this machine (apt-get install docker.io)"
 [[ -x "$DOCKER" ]] || skip "no docker client at $DOCKER (apt-get install docker.io)"
 [[ $(id -u) -eq 0 ]] || skip "dockerd needs root and this is uid $(id -u)"
+# Checked first: without it nothing below can pass. (The password, if any, is not printed.)
+"$PY" - "$DSN_ADMIN" <<'PY' || die "no Postgres answers at CONTAINER_TEST_DATABASE_URL (default 127.0.0.1:5432)"
+import sys
+
+import psycopg
+
+try:
+    with psycopg.connect(sys.argv[1], connect_timeout=5) as conn:
+        print(f"PASS  PostgreSQL {conn.info.server_version // 10000} answers")
+except psycopg.Error as exc:
+    print(f"      {type(exc).__name__}: {str(exc).splitlines()[0]}")
+    sys.exit(1)
+PY
+
+# ---------------------------------------------------------------------------------------------
+say "Docker daemon"
 if [[ -f "$PIDFILE" ]] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; then
     die "a dockerd from an earlier run is still alive (pid $(cat "$PIDFILE"), $PIDFILE); stop it first"
 fi
@@ -223,24 +242,27 @@ find "$CACHE" -maxdepth 1 -name 'base-*.tar' ! -name "$(basename "$BASE_TAR")" -
 # ---------------------------------------------------------------------------------------------
 say "build ./Dockerfile"
 ts=$SECONDS
-if ! show "$DOCKER" build --network host --progress plain \
-    --build-arg PYTHON_IMAGE="$BASE" \
-    --build-arg VERSION="$("$PY" -c 'import worker; print(worker.__version__)' 2>/dev/null || echo 0)" \
-    --build-arg REVISION="$(git rev-parse HEAD 2>/dev/null || echo unknown)" \
-    -t "$IMAGE" . >"$TMP/build.log" 2>&1; then
+# Through `make image`, so that the target users run is the one tested. It runs
+#   DOCKER_BUILDKIT=1 $DOCKER build --network host --progress plain -t $IMAGE \
+#     --build-arg VERSION=... --build-arg REVISION=$(git rev-parse HEAD) \
+#     --build-arg PYTHON_IMAGE=$BASE .
+if ! show make --no-print-directory image DOCKER="$DOCKER" IMAGE="$IMAGE" \
+    PYTHON_IMAGE="$BASE" DOCKER_BUILD_FLAGS="--network host --progress plain" \
+    >"$TMP/build.log" 2>&1; then
     tail -n 40 "$TMP/build.log" | sed 's/^/      /'
     die "docker build (log above)"
 fi
 pass "built $IMAGE in $((SECONDS - ts)) s ($("$DOCKER" image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf "%.0f MB", $1/1e6}'))"
 [[ "$("$DOCKER" image inspect -f '{{.Config.User}}' "$IMAGE")" == "10001:10001" ]] \
     && pass "image USER 10001:10001" || fail "image USER is not 10001:10001"
+if git rev-parse HEAD >/dev/null 2>&1; then
+    label="$("$DOCKER" image inspect -f '{{index .Config.Labels "org.opencontainers.image.revision"}}' "$IMAGE")"
+    [[ "$label" == "$(git rev-parse HEAD)" ]] && pass "image label revision $label" \
+        || fail "image label revision '$label' is not HEAD"
+fi
 
 # ---------------------------------------------------------------------------------------------
 say "database"
-"$PY" - "$DSN_ADMIN" <<'PY' || die "no Postgres answers at CONTAINER_TEST_DATABASE_URL (default 127.0.0.1:5432)"
-import sys, psycopg
-psycopg.connect(sys.argv[1], connect_timeout=5).close()
-PY
 sql "$DSN_ADMIN" "CREATE DATABASE $DB" >/dev/null
 created_db=1
 DSN="$("$PY" -c 'import sys, urllib.parse as u; print(u.urlsplit(sys.argv[1])._replace(path="/" + sys.argv[2]).geturl())' "$DSN_ADMIN" "$DB")"
