@@ -42,6 +42,8 @@ class OpsServer:
         self.state = state
         self.db_ping = db_ping
         self.heartbeat_timeout = heartbeat_timeout
+        # Evaluated at each scrape: one short database ping (<= about 2 s), like a probe.
+        metrics.ready.set_function(lambda: 1.0 if self.ready()[0] == 200 else 0.0)
         handler = _make_handler(self)
         self._server = ThreadingHTTPServer((host, port), handler)
         self._server.daemon_threads = True
