@@ -17,11 +17,12 @@ import structlog
 from worker import views
 from worker.api import SequinClient
 from worker.config import NOTIFY_CHANNEL, Settings
+from worker.failures import FailureClass
 from worker.lease import Lease
 from worker.locks import consumer_lock_key
 from worker.metrics import Metrics
-from worker.store import ApplyResult, ConsumerConfig, PgStore, StoreUnavailable, connect
-from worker.sync import DatabaseUnavailable, LoopState, Mode, SyncLoop, Totals, backoff_delay
+from worker.store import ApplyResult, ConsumerConfig, PgStore, StoreFailure, connect
+from worker.sync import FailureHandler, LoopState, Mode, SyncLoop, Totals
 
 log = structlog.get_logger("worker.service")
 
@@ -84,22 +85,24 @@ def migrate_with_retry(
     stop: threading.Event,
     max_retries: int | None,
     state: LoopState,
+    on_failure: Callable[[FailureClass, float], None] | None = None,
 ) -> list[int] | None:
-    """Apply migrations, retrying while the database is unreachable. Returns the versions
-    applied, or None if ``stop`` was set while waiting."""
-    attempt = 0
+    """Apply migrations, handling failures as the sync loop does (one policy:
+    :class:`worker.sync.FailureHandler`). Returns the versions applied, or None if ``stop``
+    was set while waiting. Raises :class:`worker.sync.DatabaseRefused` (e.g. no privilege
+    to create the schema) or :class:`worker.sync.DatabaseUnavailable` (budget spent)."""
+    failures = FailureHandler(max_retries, stop, state, on_failure=on_failure)
     while not stop.is_set():
         state.beat("migrating")
         try:
-            return store.migrate()
-        except StoreUnavailable as exc:
-            attempt += 1
-            if max_retries is not None and attempt > max_retries:
-                raise DatabaseUnavailable(f"cannot reach the database: {exc}") from None
-            wait = backoff_delay(attempt)
-            log.warning("db_retry", reason=str(exc), attempt=attempt, wait_s=round(wait, 3))
-            state.beat("db_retry")
-            stop.wait(wait)
+            applied = store.migrate()
+        except StoreFailure as exc:
+            if stop.is_set():
+                break
+            failures.failed(exc)
+            continue
+        failures.recovered()
+        return applied
     return None
 
 
@@ -128,7 +131,7 @@ class ViewKeeper:
                         return
                 for done in views.refresh_views(c, self._schema, collections):
                     self._known.add(done.collection_id)
-        except (psycopg.Error, StoreUnavailable) as exc:
+        except (psycopg.Error, StoreFailure) as exc:
             log.warning("view_refresh_failed", reason=str(exc).splitlines()[0] if str(exc) else "")
 
     def on_batch(self, result: ApplyResult) -> None:
@@ -184,7 +187,7 @@ def run_consumer(
             keeper.on_batch(r)
 
     budget = retry_budget(settings, mode)
-    applied = migrate_with_retry(store, stop, budget, state)
+    applied = migrate_with_retry(store, stop, budget, state, metrics.observe_batch_failure)
     if applied is None:
         return Outcome(totals or Totals(), caught_up=False)
     state.migrated = True
@@ -226,6 +229,7 @@ def run_consumer(
                 max_db_retries=budget,
                 on_batch=on_batch,
                 on_caught_up=keeper.on_caught_up if keeper is not None else None,
+                on_failure=metrics.observe_batch_failure,
                 state=state,
                 totals=totals,
                 batch_log_level=batch_log_level,

@@ -8,9 +8,12 @@ resumes from exactly where the data stands.
 
 Failure modes:
 
-* :class:`StoreUnavailable`: the connection failed or was lost (network, restart,
-  ``pg_terminate_backend``). The transaction in flight did not commit *or* its commit was
-  not acknowledged; callers reconnect and re-read the cursor, which tells which.
+* :class:`StoreFailure`: Postgres refused or failed a statement; its ``failure_class``
+  (see :mod:`worker.failures`) says what to do about it. The transaction in flight rolled
+  back. The subclass :class:`StoreUnavailable` is the class ``connection_lost``: the
+  connection failed or was lost (network, restart, ``pg_terminate_backend``) and the commit
+  in flight may or may not have happened; callers reconnect and re-read the cursor, which
+  tells which.
 * :class:`CursorConflict`: the stored cursor is not where this process expected it: another
   process of the same consumer wrote in between. Nothing was applied.
 * :class:`ConsumerMismatch`: the consumer exists with other filters (its cursor belongs to
@@ -33,6 +36,7 @@ import structlog
 from psycopg.types.json import set_json_dumps
 
 from worker import migrations, sqlfiles
+from worker.failures import FailureClass, classify
 from worker.records import DeadLetter, ParsedPage, Record, dedup
 
 log = structlog.get_logger("worker.store")
@@ -40,8 +44,40 @@ log = structlog.get_logger("worker.store")
 Conn = psycopg.Connection[tuple[Any, ...]]
 
 
-class StoreUnavailable(Exception):
+class StoreFailure(Exception):
+    """A database error, with its class (see :mod:`worker.failures`) and SQLSTATE."""
+
+    failure_class: FailureClass = "transient"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        failure_class: FailureClass | None = None,
+        sqlstate: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        if failure_class is not None:
+            self.failure_class = failure_class
+        self.sqlstate = sqlstate
+
+
+class StoreUnavailable(StoreFailure):
     """The database cannot be reached or the connection was lost."""
+
+    failure_class: FailureClass = "connection_lost"
+
+
+def store_failure(exc: psycopg.Error) -> StoreFailure:
+    """The domain error for ``exc``, classified by its SQLSTATE; the message is Postgres'
+    first line (never the DSN), with the SQLSTATE when there is one."""
+    cls = classify(exc.sqlstate)
+    text = _describe(exc)
+    if exc.sqlstate:
+        text = f"{text} (SQLSTATE {exc.sqlstate})"
+    if cls == "connection_lost":
+        return StoreUnavailable(text, sqlstate=exc.sqlstate)
+    return StoreFailure(text, failure_class=cls, sqlstate=exc.sqlstate)
 
 
 class CursorConflict(Exception):
@@ -149,6 +185,11 @@ def connect(dsn: str, *, autocommit: bool = False, application_name: str = "sequ
 STAGE_TYPES = ["text", "text", "text", "timestamptz", "timestamptz", "bool", "jsonb"]
 
 
+# Postgres refusing the data of a row (a value validation let through): handled row by row.
+REFUSALS = (psycopg.errors.DataError, psycopg.errors.ProgramLimitExceeded)
+_IDLE = (psycopg.pq.TransactionStatus.IDLE,)
+
+
 def _as_is(text: Any) -> Any:
     return text
 
@@ -208,9 +249,9 @@ class PgStore:
         try:
             with conn.transaction():
                 conn.execute(self._q["create_stage"])
-        except psycopg.OperationalError as exc:
+        except psycopg.Error as exc:
             conn.close()
-            raise StoreUnavailable(_describe(exc)) from None
+            raise store_failure(exc) from None
         self._conn = conn
 
     def close(self) -> None:
@@ -227,15 +268,26 @@ class PgStore:
         return self._conn
 
     @contextmanager
-    def _translate(self) -> Iterator[None]:
+    def _translate(self, *, refusals: bool = False) -> Iterator[None]:
+        """Turn psycopg errors into :class:`StoreFailure`. With ``refusals``, Postgres
+        refusing the data (:data:`REFUSALS`) passes through untouched for the row-by-row
+        fallback of :meth:`apply`."""
         try:
             yield
-        except psycopg.errors.ProgramLimitExceeded:
-            raise  # an OperationalError by class, but about the data, not the connection
-        except psycopg.OperationalError as exc:
-            # Lost or broken connection: drop it; the caller reconnects.
+        except psycopg.Error as exc:
+            if refusals and isinstance(exc, REFUSALS):
+                raise
+            raise self._failed(exc) from None
+
+    def _failed(self, exc: psycopg.Error) -> StoreFailure:
+        failure = store_failure(exc)
+        conn = self._conn
+        broken = conn is None or conn.closed or conn.info.transaction_status not in _IDLE
+        if failure.failure_class == "connection_lost" or broken:
+            # Lost or unusable connection: drop it; the caller reconnects. Otherwise the
+            # transaction rolled back and the connection serves the retry.
             self.close()
-            raise StoreUnavailable(_describe(exc)) from None
+        return failure
 
     def migrate(self) -> list[int]:
         """Apply pending migrations (see :mod:`worker.migrations`) on a side connection."""
@@ -311,7 +363,7 @@ class PgStore:
         result = fresh()
         try:
             self._apply(batch, rows, dead, result, isolate=False)
-        except (psycopg.errors.DataError, psycopg.errors.ProgramLimitExceeded) as exc:
+        except REFUSALS as exc:
             # Postgres refused something validation let through (it should not happen).
             # Rather than fail this batch on every restart, apply it again row by row and
             # dead-letter the rows it refuses, with Postgres' reason.
@@ -333,7 +385,7 @@ class PgStore:
     ) -> None:
         conn = self.conn
         c = self.consumer
-        with self._translate(), conn.transaction(), conn.cursor() as cur:
+        with self._translate(refusals=not isolate), conn.transaction(), conn.cursor() as cur:
             cur.execute(
                 self._q["advance_cursor"],
                 {
@@ -402,7 +454,7 @@ class PgStore:
                 with self.conn.transaction():
                     changed.update(self._write_rows(cur, [row]))
                     cur.execute(self._q["clear_stage"])
-            except (psycopg.errors.DataError, psycopg.errors.ProgramLimitExceeded) as exc:
+            except REFUSALS as exc:
                 page = page_of[id(row)]
                 refused.append(
                     DeadLetter(
