@@ -13,18 +13,21 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import psycopg
 import pytest
 import requests
 from psycopg import sql
 
-from tests.conftest import fetch_rows
+from tests.conftest import SCHEMA, fetch_rows
 from tests.helpers import TOKEN, assert_table_matches, run_cli, settings, worker_env
+from tests.test_bad_input import dead_letters, spec_record
 from tests.test_ops import metric, wait_for
 from tests.test_store import T, apply_pages, make_store, raw
 from worker.failures import FAILURE_CLASSES, RetryBudget, classify, what_to_fix
 from worker.metrics import Metrics
+from worker.migrations import migrate
 from worker.ops import OpsServer
 from worker.service import run_consumer
 from worker.simulator import Simulator
@@ -274,3 +277,85 @@ def test_run_keeps_retrying_a_failing_batch_but_healthz_and_metrics_show_it(
         ops.stop()
     assert not t.is_alive()
     assert_table_matches(db, sim.expected_state())
+
+
+# -- grouping never changes the result (README, "Guarantees") -------------------------------
+
+REFUSE = """
+CREATE FUNCTION sequin.refuse_marked() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.data->>'refuse' = 'yes' THEN
+        RAISE EXCEPTION 'refused by a test trigger' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER refuse_marked BEFORE INSERT OR UPDATE ON sequin.records
+    FOR EACH ROW EXECUTE FUNCTION sequin.refuse_marked();
+"""
+
+
+PLAN_KEYS = {"newest-refused", "oldest-refused", "two-refused", "all-refused", "plain"}
+
+
+def versions_stream() -> list[dict[str, Any]]:
+    """Keys whose versions Postgres partly refuses: (key, second, refused?)."""
+    plan = [
+        ("newest-refused", 1, False),
+        ("newest-refused", 2, True),
+        ("oldest-refused", 3, True),
+        ("oldest-refused", 4, False),
+        ("two-refused", 5, False),
+        ("two-refused", 6, True),
+        ("two-refused", 7, True),
+        ("all-refused", 8, True),
+        ("all-refused", 9, True),
+        ("plain", 10, False),
+    ]
+    out = []
+    for uid, sec, refused in plan:
+        data = {"id": uid, "n": sec, **({"refuse": "yes"} if refused else {})}
+        out.append(spec_record(uid, 1000 + sec, data=data))
+    return out
+
+
+def test_the_table_does_not_depend_on_how_pages_were_grouped(db: str, empty_db: str) -> None:
+    """Before: when the newest version of a key was refused in the row-by-row fallback, the
+    older valid versions of the batch were neither stored nor dead-lettered, so one batch
+    lost the key that one-record batches stored. Rule: a key gets the newest version that
+    Postgres accepts; every newer version it refused is dead-lettered."""
+    with psycopg.connect(empty_db, autocommit=True) as conn:
+        migrate(conn, SCHEMA)
+    results = []
+    with Simulator(token=TOKEN, seed=3, records=30, record_size=100) as sim:
+        sim.append(versions_stream())
+        for dsn, size in ((db, 1), (empty_db, 100)):
+            admin(dsn, REFUSE)
+            outcome = run_consumer(
+                settings(
+                    sim,
+                    dsn,
+                    SEQUIN_PAGE_SIZE=size,
+                    SEQUIN_BATCH_MAX_RECORDS=size,
+                    SEQUIN_AUTO_VIEWS="false",
+                ),
+                "backfill",
+                threading.Event(),
+            )
+            assert outcome.caught_up
+            rows = {k[1]: v["data"]["n"] for k, v in fetch_rows(dsn).items() if k[1] in PLAN_KEYS}
+            dead = sorted((d["upstream_id"], d["raw"]) for d in dead_letters(dsn))
+            results.append((rows, dead, outcome.totals))
+    (small_rows, small_dead, _), (big_rows, big_dead, big_totals) = results
+    assert big_totals.pages == 1  # really one batch
+    assert small_rows == big_rows
+    assert big_rows == {"newest-refused": 1, "oldest-refused": 4, "two-refused": 5, "plain": 10}
+    # Every refused version newer than what the key holds is a dead letter, either way.
+    refused_newer = {("newest-refused", 2), ("two-refused", 6), ("two-refused", 7)}
+    refused_newer |= {("all-refused", 8), ("all-refused", 9)}
+    for dead in (small_dead, big_dead):
+        got = {(uid, _n(raw_text)) for uid, raw_text in dead}
+        assert refused_newer <= got, got
+
+
+def _n(raw_text: str) -> int:
+    return int(json.loads(raw_text)["data"]["n"])

@@ -37,7 +37,7 @@ from psycopg.types.json import set_json_dumps
 
 from worker import migrations, sqlfiles
 from worker.failures import FailureClass, classify
-from worker.records import DeadLetter, ParsedPage, Record, dedup
+from worker.records import DeadLetter, ParsedPage, Record, dedup, versions_by_key
 
 log = structlog.get_logger("worker.store")
 
@@ -106,6 +106,10 @@ class Batch:
     def rows(self) -> list[Record]:
         """One version per key across all pages (see :func:`worker.records.dedup`)."""
         return dedup(r for p in self.pages for r in p.records)
+
+    def versions(self) -> list[list[Record]]:
+        """Every version of each key, best first (see :func:`worker.records.versions_by_key`)."""
+        return versions_by_key(r for p in self.pages for r in p.records)
 
     def dead_letters(self) -> list[DeadLetter]:
         return [d for p in self.pages for d in p.dead_letters]
@@ -402,7 +406,7 @@ class PgStore:
                 raise CursorConflict(f"consumer {c.name!r} was moved or reset by another process")
             if rows:
                 if isolate:
-                    changed, refused = self._write_rows_one_by_one(cur, rows, batch)
+                    changed, refused = self._write_rows_one_by_one(cur, batch)
                     dead.extend(refused)
                     result.dead_lettered = len(dead)
                     if refused:
@@ -415,9 +419,11 @@ class PgStore:
                     refused = []
                 result.upserted = sum(n for (_, is_del), n in changed.items() if not is_del)
                 result.deleted = sum(n for (_, is_del), n in changed.items() if is_del)
-                result.skipped = len(rows) - len(refused) - result.upserted - result.deleted
                 result.changed = dict(changed)
-            result.skipped += batch.valid - len(rows)  # superseded within the batch
+            else:
+                refused = []
+            # The rest were superseded within the batch or changed nothing (older than the row).
+            result.skipped = batch.valid - len(refused) - result.upserted - result.deleted
             if dead:
                 result.dead_by_collection = dict(
                     Counter(d.collection_id or "unknown" for d in dead)
@@ -443,28 +449,36 @@ class PgStore:
                 )
 
     def _write_rows_one_by_one(
-        self, cur: psycopg.Cursor[tuple[Any, ...]], rows: list[Record], batch: Batch
+        self, cur: psycopg.Cursor[tuple[Any, ...]], batch: Batch
     ) -> tuple[Counter[tuple[str, bool]], list[DeadLetter]]:
-        """Each row under its own savepoint; the ones Postgres refuses become dead letters."""
+        """Each row under its own savepoint; the ones Postgres refuses become dead letters.
+
+        Per key, the versions of the batch are tried newest first until Postgres accepts one:
+        the key gets the newest version Postgres accepts, and every newer one it refused is
+        dead-lettered. Applying the same pages one per batch gives the same table, so the
+        result never depends on how pages were grouped (README, "Guarantees").
+        """
         changed: Counter[tuple[str, bool]] = Counter()
         refused: list[DeadLetter] = []
         page_of = {id(r): p for p in batch.pages for r in p.records}
-        for row in rows:
-            try:
-                with self.conn.transaction():
-                    changed.update(self._write_rows(cur, [row]))
-                    cur.execute(self._q["clear_stage"])
-            except REFUSALS as exc:
-                page = page_of[id(row)]
-                refused.append(
-                    DeadLetter(
-                        raw=page.raw_text(row),
-                        reason=f"Postgres refused the row: {_describe(exc)}"[:500],
-                        after_cursor=page.after_cursor,
-                        collection_id=row.collection_id,
-                        upstream_id=row.upstream_id,
+        for versions in batch.versions():
+            for row in versions:
+                try:
+                    with self.conn.transaction():
+                        changed.update(self._write_rows(cur, [row]))
+                        cur.execute(self._q["clear_stage"])
+                    break
+                except REFUSALS as exc:
+                    page = page_of[id(row)]
+                    refused.append(
+                        DeadLetter(
+                            raw=page.raw_text(row),
+                            reason=f"Postgres refused the row: {_describe(exc)}"[:500],
+                            after_cursor=page.after_cursor,
+                            collection_id=row.collection_id,
+                            upstream_id=row.upstream_id,
+                        )
                     )
-                )
         return changed, refused
 
     def _write_rows(
