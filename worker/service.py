@@ -8,6 +8,7 @@ leadership is lost and keeps going until stopped; ``backfill`` returns once caug
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -171,6 +172,11 @@ def run_consumer(
     metrics = metrics or Metrics(settings.consumer)
     loop_state = state
     metrics.caught_up.set_function(lambda: 1.0 if loop_state.caught_up else 0.0)
+    # Live, so that it reads 0 as soon as a failure is over, commit or not (e.g. a reconnect
+    # while idle), and grows between the retries of a long backoff.
+    metrics.batch_failing.set_function(
+        lambda: 0.0 if (t := loop_state.failing_since) is None else time.monotonic() - t
+    )
     keeper = ViewKeeper(dsn, settings.db_schema) if settings.auto_views else None
 
     def on_batch(r: ApplyResult) -> None:

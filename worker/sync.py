@@ -356,12 +356,21 @@ class SyncLoop:
         # Pages fetched but not committed when a batch failed, in stream order: applied
         # again by the next session if the stored cursor is where one of them starts.
         self._held: list[Fetched] = []
-        # After a resource failure, the most pages per batch while re-applying held pages.
+        # The most pages per batch while re-applying held pages: the failed batch's (halved
+        # after a resource failure).
         self._max_pages: int | None = None
         self._failed_pages = 0  # pages of the batch that failed (0: it failed outside one)
 
     def run(self) -> bool:
         """Sync until stopped (returns False) or, in backfill mode, caught up (True)."""
+        try:
+            return self._run()
+        finally:
+            # A process that goes on (standing by after losing the lead) is not failing.
+            self.state.failing_since = None
+            self.state.failure_class = None
+
+    def _run(self) -> bool:
         done = False
         while not self._stop.is_set():
             self._failed_pages = 0
@@ -402,9 +411,9 @@ class SyncLoop:
         return False
 
     def _next_batch(self, prefetch: Prefetcher | None) -> list[Fetched] | None:
-        """The pages of the next batch: held pages first (at most ``_max_pages`` after a
-        resource failure), else the first page waiting and, while behind, the pages already
-        waiting behind it, up to ``batch_max_records``. None if nothing came within 0.5 s."""
+        """The pages of the next batch: held pages first (at most ``_max_pages``), else
+        the first page waiting and, while behind, the pages already waiting behind it, up to
+        ``batch_max_records``. None if nothing came within 0.5 s."""
         if self._held:
             limit = self._max_pages or len(self._held)
             fetched = [self._held.pop(0)]
@@ -452,7 +461,9 @@ class SyncLoop:
             if isinstance(item, BaseException):
                 break
             queued.append(item)
-        self._held = failed + self._held + queued
+        # Bounded: the failed batch and at most a prefetch queue's worth behind it (the chain
+        # stays contiguous; the next prefetcher starts where it ends).
+        self._held = (failed + self._held + queued)[: len(failed) + self._depth]
         self._failed_pages = len(failed)
 
     def _session(self, position: str | None) -> bool:
@@ -483,9 +494,10 @@ class SyncLoop:
                     if prefetch is not None:
                         prefetch.halt()
                     self._hold(fetched, prefetch)
-                    if exc.failure_class == "resource":
-                        # A smaller batch may fit (statement timeout, memory): halve it.
-                        self._max_pages = max(1, len(fetched) // 2)
+                    # The retry takes the same pages, not more; after a resource failure
+                    # (statement timeout, memory) half of them, since a smaller batch may fit.
+                    resource = exc.failure_class == "resource"
+                    self._max_pages = max(1, len(fetched) // 2) if resource else len(fetched)
                     raise
                 if fetched[-1].caught_up:
                     if not self.state.caught_up:
