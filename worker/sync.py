@@ -403,6 +403,8 @@ class SyncLoop:
         for i, f in enumerate(self._held):
             if f.page.after_cursor == position:
                 self._held = self._held[i:]
+                if i > 0:
+                    self.failures.recovered()  # its commit went through, unacknowledged
                 return True
         if self._held:
             log.info("held_pages_dropped", pages=len(self._held), cursor=position)
