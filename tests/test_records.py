@@ -20,6 +20,7 @@ from worker.records import (
     provider_of,
     sanitise,
     validate,
+    versions_by_key,
 )
 
 
@@ -210,6 +211,18 @@ def test_dedup_delete_then_recreate() -> None:
         [_r("a", "2024-01-01T00:00:00Z", 1, deleted=True), _r("a", "2024-01-01T00:00:01Z", 2)]
     )
     assert not out[0].deleted
+
+
+@given(st.lists(st.tuples(st.sampled_from("abc"), st.integers(0, 3)), max_size=12))
+def test_versions_by_key_orders_each_key_as_dedup_chooses(plan: list[tuple[str, int]]) -> None:
+    records = [_r(uid, f"2024-01-01T00:00:0{sec}Z", n) for n, (uid, sec) in enumerate(plan)]
+    versions = versions_by_key(records)
+    assert [v[0] for v in versions] == dedup(records)  # the first is dedup's winner
+    assert sorted(id(r) for v in versions for r in v) == sorted(id(r) for r in records)
+    for v in versions:
+        # Best first: newer timestamp, then later in the stream.
+        ranks = [(r.upstream_updated_at, records.index(r)) for r in v]
+        assert ranks == sorted(ranks, reverse=True)
 
 
 def test_provider_of() -> None:

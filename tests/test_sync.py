@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 import threading
 import time
@@ -11,8 +12,15 @@ import pytest
 
 from worker.api import Page, TokenRejected
 from worker.records import dedup
-from worker.store import ApplyResult, Batch, CursorConflict, StoreUnavailable
-from worker.sync import ProtocolViolation, SyncLoop, next_step, poll_delay
+from worker.store import ApplyResult, Batch, CursorConflict, StoreFailure, StoreUnavailable
+from worker.sync import (
+    DatabaseRefused,
+    DatabaseUnavailable,
+    ProtocolViolation,
+    SyncLoop,
+    next_step,
+    poll_delay,
+)
 
 
 def rec(i: int, key: str | None = None) -> dict[str, Any]:
@@ -146,7 +154,10 @@ def test_lost_database_reconnects_and_resumes_from_what_committed() -> None:
     assert loop.run() is True
     assert sink.connects == 2
     assert sink.cursor == "50" and len(sink.rows) == 50
-    assert log.count(None) == 2  # the first page was fetched again after the reconnect
+    # The pages fetched before the failure are applied again, not fetched again.
+    assert log.count(None) == 1
+    # At most the page in flight when the session ended is fetched twice.
+    assert len(log) - len(set(log)) <= 1, log
 
 
 def test_cursor_conflict_restarts_from_the_stored_cursor() -> None:
@@ -192,3 +203,164 @@ def test_empty_page_with_same_cursor_commits_nothing() -> None:
     sink.cursor = None
     make_loop(source, sink).run()
     assert sink.batches == [(None, "0", 1)]
+
+
+# -- database failures: class, action, budget (worker.failures) ----------------------------
+
+
+def failure(cls: str, message: str = "boom", sqlstate: str | None = None) -> StoreFailure:
+    return StoreFailure(message, failure_class=cls, sqlstate=sqlstate)  # type: ignore[arg-type]
+
+
+class FlakySink(FakeSink):
+    """Raises ``fail(batch)``'s exception (if any) instead of applying; records attempts."""
+
+    def __init__(self, fail: Any) -> None:
+        super().__init__()
+        self.fail = fail
+        self.attempts: list[tuple[str | None, int]] = []
+
+    def apply(self, batch: Batch) -> ApplyResult:
+        self.attempts.append((batch.after_cursor, len(batch.pages)))
+        exc = self.fail(batch, len(self.attempts))
+        if exc is not None:
+            raise exc
+        return super().apply(batch)
+
+
+def test_a_batch_that_always_fails_spends_the_budget_across_reconnects() -> None:
+    """Before: every reconnect reset the count, so backfill retried for ever at the first
+    backoff step and never exited 6."""
+    log: list[str | None] = []
+    source = FakeSource([rec(i) for i in range(30)], limit=10, log=log)
+    for cls in ("connection_lost", "transient", "resource"):
+        sink = FlakySink(lambda b, n, cls=cls: failure(cls))
+        failures: list[tuple[str, float]] = []
+        loop = make_loop(
+            source,
+            sink,
+            max_db_retries=3,
+            db_backoff=0.001,
+            on_failure=lambda c, s, seen=failures: seen.append((c, s)),
+        )
+        with pytest.raises(DatabaseUnavailable, match="4 attempts"):
+            loop.run()
+        assert sink.connects == 4, cls  # reconnected each time, the count carried on
+        assert [c for c, _ in failures] == [cls] * 4
+        assert [s for _, s in failures] == sorted(s for _, s in failures)  # failing for longer
+        assert sink.cursor is None
+
+
+def test_the_backoff_grows_across_reconnects() -> None:
+    sink = FlakySink(lambda b, n: failure("connection_lost"))
+    loop = make_loop(FakeSource([rec(0)], limit=10, log=[]), sink, max_db_retries=4)
+    waits: list[float] = []
+    loop._stop.wait = lambda t: waits.append(t) or False  # type: ignore[method-assign,func-returns-value]
+    with pytest.raises(DatabaseUnavailable):
+        loop.run()
+    # Exponential with jitter in [0.5, 1]: each step's range sits above the previous one's.
+    assert [round(w / 0.5) for w in waits] != [1, 1, 1, 1]
+    assert waits[3] > waits[0] and 2.0 <= waits[3] <= 4.0
+
+
+def test_a_permanent_failure_stops_at_once_with_what_to_fix() -> None:
+    sink = FlakySink(
+        lambda b, n: failure("permanent", "permission denied for table records", "42501")
+    )
+    loop = make_loop(FakeSource([rec(0)], limit=10, log=[]), sink, max_db_retries=None)
+    with pytest.raises(DatabaseRefused, match=r"permission denied.*grant"):
+        loop.run()
+    assert len(sink.attempts) == 1
+
+
+def test_held_pages_are_applied_again_and_a_resource_failure_halves_the_batch() -> None:
+    log: list[str | None] = []
+    source = FakeSource([rec(i) for i in range(80)], limit=10, log=log)
+
+    def fail(batch: Batch, attempt: int) -> BaseException | None:
+        if attempt == 1:
+            time.sleep(0.3)  # the prefetcher fills its queue meanwhile
+            return failure("connection_lost")
+        if len(batch.pages) > 1:
+            return failure("resource", "canceling statement due to statement timeout", "57014")
+        return None
+
+    sink = FlakySink(fail)
+    loop = make_loop(source, sink, prefetch_pages=8, db_backoff=0.001)
+    assert loop.run() is True
+    assert sink.cursor == "80" and len(sink.rows) == 80
+    sizes = [n for _, n in sink.attempts]
+    assert sizes[1] > 2, sizes  # the held pages, grouped again
+    halving = sizes[1 : sizes.index(1, 1) + 1]
+    assert all(b == max(1, a // 2) for a, b in itertools.pairwise(halving)), sizes
+    # The held pages were not fetched again (at most the one in flight at the failure).
+    assert log.count(None) == 1 and len(log) - len(set(log)) <= 1, log
+
+
+def test_pages_of_a_commit_whose_acknowledgement_was_lost_are_not_applied_twice() -> None:
+    log: list[str | None] = []
+    source = FakeSource([rec(i) for i in range(40)], limit=10, log=log)
+    sink = FakeSink()
+    real_apply = sink.apply
+    calls = []
+
+    def apply(batch: Batch) -> ApplyResult:
+        calls.append(batch.after_cursor)
+        if len(calls) == 1:
+            time.sleep(0.2)
+            real_apply(batch)  # it commits, then the connection drops before the answer
+            raise StoreUnavailable("server closed the connection unexpectedly")
+        return real_apply(batch)
+
+    sink.apply = apply  # type: ignore[method-assign]
+    assert make_loop(source, sink, db_backoff=0.001).run() is True
+    assert sink.cursor == "40" and len(sink.rows) == 40
+    starts = [b[0] for b in sink.batches]
+    assert len(starts) == len(set(starts))  # no batch applied twice
+    assert log.count(None) == 1 and len(log) - len(set(log)) <= 1, log
+
+
+def test_a_commit_ends_the_failure_and_the_budget_starts_again() -> None:
+    # Two failures before each commit with a budget of two: never exhausted.
+    source = FakeSource([rec(i) for i in range(30)], limit=10, log=[])
+    sink = FlakySink(lambda b, n: failure("transient") if n % 3 != 0 else None)
+    loop = make_loop(source, sink, max_db_retries=2, db_backoff=0.001, batch_max_records=10)
+    assert loop.run() is True
+    assert sink.cursor == "30"
+    assert loop.state.failing_since is None and loop.failures.budget.failures == 0
+
+
+def test_a_failure_while_stopping_is_not_counted() -> None:
+    stop = threading.Event()
+    failures: list[str] = []
+
+    def fail(batch: Batch, attempt: int) -> BaseException:
+        stop.set()  # e.g. the statement cancelled by the shutdown
+        return failure("resource", "canceling statement due to user request", "57014")
+
+    sink = FlakySink(fail)
+    loop = SyncLoop(
+        lambda: FakeSource([rec(0)], limit=10, log=[]),
+        sink,
+        mode="run",
+        stop=stop,
+        on_failure=lambda c, s: failures.append(c),
+    )
+    assert loop.run() is False
+    assert failures == [] and loop.failures.budget.failures == 0
+
+
+def test_pages_held_through_repeated_failures_stay_bounded() -> None:
+    source = FakeSource([rec(i) for i in range(500)], limit=10, log=[])
+
+    def fail(batch: Batch, attempt: int) -> BaseException | None:
+        time.sleep(0.02)  # the prefetcher of each session fetches meanwhile
+        return failure("transient")
+
+    sink = FlakySink(fail)
+    loop = make_loop(source, sink, prefetch_pages=3, max_db_retries=8, db_backoff=0.001)
+    with pytest.raises(DatabaseUnavailable):
+        loop.run()
+    first = sink.attempts[0][1]
+    assert all(n == first for _, n in sink.attempts)  # the same pages each time, not more
+    assert len(loop._held) <= first + 3  # and at most a prefetch queue's worth behind them

@@ -11,8 +11,9 @@ Exit codes (also in the README):
 4   the API rejected a request (another 4xx, e.g. an invalid cursor), or answered in a
     way that breaks the pagination contract
 5   ``backfill``: the API stayed unavailable through SEQUIN_MAX_RETRIES (``run`` retries)
-6   ``backfill``: the database stayed unreachable through SEQUIN_MAX_RETRIES (``run``
-    retries); or a migration failed
+6   the database: a permanent failure (no privilege, a missing table: the message says
+    what to fix), in ``run`` too; or ``backfill``: a batch kept failing through
+    SEQUIN_MAX_RETRIES (``run`` retries); or a migration failed
 7   ``backfill --no-wait``: another process is syncing this consumer
 8   ``check``: at least one check failed
 ==  ===========================================================================
@@ -40,8 +41,14 @@ from worker.metrics import Metrics
 from worker.migrations import migrate
 from worker.ops import OpsServer
 from worker.status import Progress, SchemaMissing
-from worker.store import ConsumerMismatch, StoreUnavailable
-from worker.sync import DatabaseUnavailable, LoopState, ProtocolViolation, Totals
+from worker.store import ConsumerMismatch, StoreFailure
+from worker.sync import (
+    DatabaseRefused,
+    DatabaseUnavailable,
+    LoopState,
+    ProtocolViolation,
+    Totals,
+)
 
 log = structlog.get_logger("worker.cli")
 
@@ -346,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _fail(EXIT_REJECTED, str(exc))
     except ApiUnavailable as exc:
         _fail(EXIT_API_DOWN, str(exc))
-    except (DatabaseUnavailable, StoreUnavailable) as exc:
+    except (DatabaseRefused, DatabaseUnavailable, StoreFailure) as exc:
         _fail(EXIT_DB, f"database: {exc}")
     except SchemaMissing as exc:
         _fail(EXIT_DB, str(exc))

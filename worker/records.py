@@ -497,6 +497,25 @@ def dedup(records: Iterable[Record]) -> list[Record]:
     return list(latest.values())
 
 
+def versions_by_key(records: Iterable[Record]) -> list[list[Record]]:
+    """Every version of each key, ordered by :func:`dedup`'s rule: the first of each list is
+    the version ``dedup`` keeps, then the next best, and so on.
+
+    ``records`` must be in stream order. Keys come in first-seen order. Used when Postgres
+    refuses a version: the next one is tried, so the key gets the newest version Postgres
+    accepts however the pages were grouped.
+    """
+    by_key: dict[tuple[str, str], list[Record]] = {}
+    for record in records:
+        by_key.setdefault((record.collection_id, record.upstream_id), []).append(record)
+    # Later in the stream first, then a stable sort by timestamp: on equal timestamps the
+    # later version stays ahead, as in dedup.
+    return [
+        sorted(reversed(versions), key=lambda r: r.upstream_updated_at, reverse=True)
+        for versions in by_key.values()
+    ]
+
+
 def provider_of(collection_id: str) -> str:
     """The provider slug of a collection: the part before the first ``:``."""
     return collection_id.split(":", 1)[0]

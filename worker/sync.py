@@ -15,10 +15,14 @@ Shape of a session (from one committed cursor):
 * after a page that is not full the stream is caught up: ``backfill`` ends there; ``run``
   waits ``poll_interval`` (±20% jitter) and polls again.
 
-If the database connection is lost the session ends, prefetched pages are discarded, and a
-new session starts from the cursor the database holds: whatever committed is kept, whatever
-did not is fetched again. Nothing is applied twice because the cursor moves in the same
-transaction as the rows.
+If a batch fails (the connection is lost, a deadlock, a statement timeout...) the session
+ends, and a new one reconnects and reads the cursor the database holds. The pages already
+fetched (the failed batch and those queued behind it) are kept and applied again when the
+stored cursor is the one they were fetched from; otherwise (someone else moved the cursor)
+they are dropped and fetched again from the stored cursor. Nothing is applied twice because
+the cursor moves in the same transaction as the rows. What each failure class gets (retry,
+a halved batch, or a stop) and how many failures are allowed is decided by
+:mod:`worker.failures`, through :class:`FailureHandler`.
 """
 
 from __future__ import annotations
@@ -35,8 +39,10 @@ from typing import Literal, Protocol
 import structlog
 
 from worker.api import Page
+from worker.failures import Decision, FailureClass, RetryBudget, what_to_fix
+from worker.failures import backoff_delay as backoff_delay  # its home is worker.failures
 from worker.records import ParsedPage, parse_page
-from worker.store import ApplyResult, Batch, CursorConflict, StoreUnavailable
+from worker.store import ApplyResult, Batch, CursorConflict, StoreFailure
 
 log = structlog.get_logger("worker.sync")
 
@@ -68,7 +74,12 @@ class ProtocolViolation(Exception):
 
 
 class DatabaseUnavailable(Exception):
-    """The database stayed unreachable through the retry budget."""
+    """The database kept failing through the retry budget."""
+
+
+class DatabaseRefused(Exception):
+    """A permanent database failure (a privilege, a missing table): retrying cannot help.
+    The message says what to fix."""
 
 
 def next_step(page: Page) -> Literal["more", "caught_up"]:
@@ -89,12 +100,6 @@ def poll_delay(interval: float, rng: random.Random | None = None) -> float:
     polling one account do not fall into step."""
     r = rng.random() if rng else random.random()
     return interval * (0.8 + 0.4 * r)
-
-
-def backoff_delay(attempt: int, initial: float = 0.5, cap: float = 30.0) -> float:
-    """Wait before retry ``attempt`` (1-based): exponential up to ``cap``, with jitter so that
-    several workers do not retry in step."""
-    return min(cap, initial * 2.0 ** (attempt - 1)) * random.uniform(0.5, 1.0)
 
 
 @dataclass(slots=True)
@@ -147,6 +152,10 @@ class LoopState:
     last_commit: datetime | None = None
     newest_applied: datetime | None = None
     cursor: str | None = None
+    # monotonic() of the first of the current run of database failures (None: not failing);
+    # cleared by a commit. /healthz turns 503 when it is older than the heartbeat timeout.
+    failing_since: float | None = None
+    failure_class: str | None = None
 
     def beat(self, status: str | None = None) -> None:
         self.heartbeat = time.monotonic()
@@ -227,16 +236,87 @@ class Prefetcher:
             self._source.close()
 
 
+class FailureHandler:
+    """What happens after a database failure, for the loop and the migration step alike.
+
+    :meth:`failed` classifies (the class comes with the :class:`StoreFailure`), spends the
+    budget (:class:`worker.failures.RetryBudget`), logs ``db_retry``, reports the failure
+    through ``on_failure(class, seconds_failing)``, then waits the backoff (cut short by
+    ``stop``). It raises :class:`DatabaseRefused` for a permanent failure and
+    :class:`DatabaseUnavailable` when the budget is spent. :meth:`recovered` ends the run of
+    failures (after a commit, or when nothing is pending any more).
+    """
+
+    def __init__(
+        self,
+        max_retries: int | None,
+        stop: threading.Event,
+        state: LoopState,
+        *,
+        on_failure: Callable[[FailureClass, float], None] | None = None,
+        backoff: float = 0.5,
+    ) -> None:
+        self.budget = RetryBudget(max_retries, initial=backoff)
+        self._stop = stop
+        self._state = state
+        self._on_failure = on_failure
+
+    def failed(self, exc: StoreFailure, *, pages: int = 0) -> Decision:
+        cls = exc.failure_class
+        decision = self.budget.decide(cls)
+        now = time.monotonic()
+        if self._state.failing_since is None:
+            self._state.failing_since = now
+        self._state.failure_class = cls
+        failing = now - self._state.failing_since
+        if self._on_failure is not None:
+            self._on_failure(cls, failing)
+        if decision.give_up:
+            log.error(
+                "db_gave_up",
+                **{"class": cls},
+                reason=str(exc),
+                sqlstate=exc.sqlstate,
+                attempt=decision.attempt,
+                failing_s=round(failing, 3),
+            )
+            if decision.reason == "permanent":
+                raise DatabaseRefused(f"{exc}; {what_to_fix(exc.sqlstate)}") from None
+            raise DatabaseUnavailable(
+                f"the database kept failing ({decision.attempt} attempts over "
+                f"{failing:.0f} s, last: {cls}): {exc}"
+            ) from None
+        log.warning(
+            "db_retry",
+            **{"class": cls},
+            reason=str(exc),
+            sqlstate=exc.sqlstate,
+            attempt=decision.attempt,
+            wait_s=round(decision.wait, 3),
+            failing_s=round(failing, 3),
+            pages=pages,
+        )
+        self._state.beat("db_retry")
+        self._stop.wait(decision.wait)
+        return decision
+
+    def recovered(self) -> None:
+        self.budget.succeeded()
+        self._state.failing_since = None
+        self._state.failure_class = None
+
+
 class SyncLoop:
     """Drives one consumer: sessions of prefetch → group → apply, until told to stop.
 
     :meth:`run` returns normally when ``stop`` is set (``run`` mode) or when caught up
     (``backfill`` mode). It raises the API client's errors (token rejected, request
-    rejected, API unavailable), :class:`ProtocolViolation`, and
-    :class:`DatabaseUnavailable` after ``max_db_retries`` consecutive failed reconnects
-    (``None``: never). A
-    :class:`CursorConflict` (another process wrote this consumer's cursor) is not an error
-    here: the session restarts from the stored cursor after a short pause.
+    rejected, API unavailable), :class:`ProtocolViolation`, :class:`DatabaseRefused` on a
+    permanent database failure, and :class:`DatabaseUnavailable` after ``max_db_retries``
+    consecutive database failures (``None``: never), counted across reconnects and reset
+    only by progress. A :class:`CursorConflict` (another process wrote this consumer's
+    cursor) is not an error here: the session restarts from the stored cursor after a short
+    pause.
     """
 
     def __init__(
@@ -252,9 +332,11 @@ class SyncLoop:
         max_db_retries: int | None = 20,
         on_batch: Callable[[ApplyResult], None] | None = None,
         on_caught_up: Callable[[], None] | None = None,
+        on_failure: Callable[[FailureClass, float], None] | None = None,
         state: LoopState | None = None,
         totals: Totals | None = None,
         batch_log_level: str = "info",
+        db_backoff: float = 0.5,
     ) -> None:
         self._source_factory = source_factory
         self._sink = sink
@@ -263,22 +345,40 @@ class SyncLoop:
         self._poll_interval = poll_interval
         self._batch_max = batch_max_records
         self._depth = prefetch_pages
-        self._max_db_retries = max_db_retries
         self._on_batch = on_batch
         self._on_caught_up = on_caught_up
         self._batch_log = getattr(log, batch_log_level)
         self.state = state or LoopState()
         self.totals = totals or Totals()
+        self.failures = FailureHandler(
+            max_db_retries, stop, self.state, on_failure=on_failure, backoff=db_backoff
+        )
+        # Pages fetched but not committed when a batch failed, in stream order: applied
+        # again by the next session if the stored cursor is where one of them starts.
+        self._held: list[Fetched] = []
+        # The most pages per batch while re-applying held pages: the failed batch's (halved
+        # after a resource failure).
+        self._max_pages: int | None = None
+        self._failed_pages = 0  # pages of the batch that failed (0: it failed outside one)
 
     def run(self) -> bool:
         """Sync until stopped (returns False) or, in backfill mode, caught up (True)."""
-        failures = 0
+        try:
+            return self._run()
+        finally:
+            # A process that goes on (standing by after losing the lead) is not failing.
+            self.state.failing_since = None
+            self.state.failure_class = None
+
+    def _run(self) -> bool:
         done = False
         while not self._stop.is_set():
+            self._failed_pages = 0
             try:
                 self._sink.connect()
                 position = self._sink.open_consumer()
-                failures = 0
+                if not self._resume_held(position):
+                    self.failures.recovered()  # nothing pending: the failure is over
                 if self._session(position):
                     done = True
                     break
@@ -290,54 +390,117 @@ class SyncLoop:
                 # The other writer is usually a leader that has just lost its lock and will
                 # notice within a ping; do not spin against it meanwhile.
                 self._stop.wait(random.uniform(0.2, 0.5))
-            except StoreUnavailable as exc:
-                failures += 1
-                if self._max_db_retries is not None and failures > self._max_db_retries:
-                    raise DatabaseUnavailable(
-                        f"the database stayed unreachable ({failures} attempts): {exc}"
-                    ) from None
-                wait = backoff_delay(failures)
-                log.warning("db_retry", reason=str(exc), attempt=failures, wait_s=round(wait, 3))
-                self.state.beat("db_retry")
-                self._stop.wait(wait)
+            except StoreFailure as exc:
+                if self._stop.is_set():
+                    break  # e.g. the statement cancelled on shutdown: not a failure
+                self.failures.failed(exc, pages=self._failed_pages)
         self._sink.close()
         return done
+
+    def _resume_held(self, position: str | None) -> bool:
+        """Keep the held pages from the one that starts at ``position``; drop the rest (they
+        committed, or someone else moved the cursor). True if pages are held."""
+        for i, f in enumerate(self._held):
+            if f.page.after_cursor == position:
+                self._held = self._held[i:]
+                if i > 0:
+                    self.failures.recovered()  # its commit went through, unacknowledged
+                return True
+        if self._held:
+            log.info("held_pages_dropped", pages=len(self._held), cursor=position)
+        self._held = []
+        self._max_pages = None
+        return False
+
+    def _next_batch(self, prefetch: Prefetcher | None) -> list[Fetched] | None:
+        """The pages of the next batch: held pages first (at most ``_max_pages``), else
+        the first page waiting and, while behind, the pages already waiting behind it, up to
+        ``batch_max_records``. None if nothing came within 0.5 s."""
+        if self._held:
+            limit = self._max_pages or len(self._held)
+            fetched = [self._held.pop(0)]
+            while (
+                self._held
+                and len(fetched) < limit
+                and not fetched[-1].caught_up
+                and sum(f.page.received for f in fetched) < self._batch_max
+            ):
+                fetched.append(self._held.pop(0))
+            if not self._held:
+                self._max_pages = None
+            return fetched
+        assert prefetch is not None  # only a backfill ending within its held pages has none
+        try:
+            item = prefetch.queue.get(timeout=0.5)
+        except queue.Empty:
+            return None
+        if isinstance(item, BaseException):
+            raise item
+        fetched = [item]
+        while not fetched[-1].caught_up and (
+            sum(f.page.received for f in fetched) < self._batch_max
+        ):
+            try:
+                nxt = prefetch.queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(nxt, BaseException):
+                # Apply what we have first; the error surfaces on the next get.
+                prefetch.queue.put(nxt)
+                break
+            fetched.append(nxt)
+        return fetched
+
+    def _hold(self, failed: list[Fetched], prefetch: Prefetcher | None) -> None:
+        """Keep the failed batch, the held pages behind it and the pages the (halted)
+        prefetcher queued, in stream order, for the next session."""
+        queued: list[Fetched] = []
+        while prefetch is not None:
+            try:
+                item = prefetch.queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, BaseException):
+                break
+            queued.append(item)
+        # Bounded: the failed batch and at most a prefetch queue's worth behind it (the chain
+        # stays contiguous; the next prefetcher starts where it ends).
+        self._held = (failed + self._held + queued)[: len(failed) + self._depth]
+        self._failed_pages = len(failed)
 
     def _session(self, position: str | None) -> bool:
         """Sync from ``position`` until stopped (False) or, in backfill, caught up (True)."""
         self.state.cursor = position
-        log.info("session_started", cursor=position, mode=self.mode)
-        prefetch = Prefetcher(
-            self._source_factory(),
-            position,
-            mode=self.mode,
-            poll_interval=self._poll_interval,
-            depth=self._depth,
-            stop=self._stop,
-        ).start()
+        start = self._held[-1].page.cursor if self._held else position
+        log.info("session_started", cursor=position, mode=self.mode, held=len(self._held))
+        prefetch: Prefetcher | None = None
+        if not (self.mode == "backfill" and self._held and self._held[-1].caught_up):
+            # (a backfill holding the stream's last page has nothing left to fetch)
+            prefetch = Prefetcher(
+                self._source_factory(),
+                start,
+                mode=self.mode,
+                poll_interval=self._poll_interval,
+                depth=self._depth,
+                stop=self._stop,
+            ).start()
         try:
             while not self._stop.is_set():
                 self.state.beat()
-                try:
-                    item = prefetch.queue.get(timeout=0.5)
-                except queue.Empty:
+                fetched = self._next_batch(prefetch)
+                if fetched is None:
                     continue
-                if isinstance(item, BaseException):
-                    raise item
-                fetched = [item]
-                while not fetched[-1].caught_up and (
-                    sum(f.page.received for f in fetched) < self._batch_max
-                ):
-                    try:
-                        nxt = prefetch.queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if isinstance(nxt, BaseException):
-                        # Apply what we have first; the error surfaces on the next get.
-                        prefetch.queue.put(nxt)
-                        break
-                    fetched.append(nxt)
-                position = self._apply(position, [f.page for f in fetched])
+                try:
+                    position = self._apply(position, [f.page for f in fetched])
+                except StoreFailure as exc:
+                    if prefetch is not None:
+                        prefetch.halt()
+                    self._hold(fetched, prefetch)
+                    # The retry takes the same pages, not more; after a resource failure
+                    # (statement timeout, memory) half of them, since a smaller batch may fit.
+                    resource = exc.failure_class == "resource"
+                    self._max_pages = max(1, len(fetched) // 2) if resource else len(fetched)
+                    raise
                 if fetched[-1].caught_up:
                     if not self.state.caught_up:
                         log.info("caught_up", cursor=position, **self._totals_fields())
@@ -352,13 +515,16 @@ class SyncLoop:
                     self.state.beat("syncing")
             return False
         finally:
-            prefetch.halt()
+            if prefetch is not None:
+                prefetch.halt()
 
     def _apply(self, position: str | None, pages: list[ParsedPage]) -> str | None:
         batch = Batch(after_cursor=position, pages=pages)
         if batch.received == 0 and batch.cursor == position:
+            self.failures.recovered()
             return position  # an empty page handing back our cursor: nothing to commit
         result = self._sink.apply(batch)
+        self.failures.recovered()
         self.totals.add(result)
         now = datetime.now(UTC)
         self.state.last_commit = now
