@@ -43,6 +43,9 @@ class FakeSource:
         cursor = str(start + len(chunk)) if chunk else (after_cursor or "0")
         return Page(after_cursor=after_cursor, records=chunk, cursor=cursor, limit=self.limit)
 
+    def abort(self) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -82,8 +85,8 @@ def make_loop(source: FakeSource, sink: FakeSink, *, mode: str = "backfill", **k
 
 def test_next_step_is_pure_pagination_logic() -> None:
     assert next_step(Page(None, [1, 2], "2", limit=2)) == "more"
-    assert next_step(Page("2", [1], "3", limit=2)) == "caught_up"
-    assert next_step(Page("3", [], "3", limit=2)) == "caught_up"
+    assert next_step(Page("2", [1], "3", limit=2)) == "more"  # short: more may follow
+    assert next_step(Page("3", [], "3", limit=2)) == "caught_up"  # only empty means caught up
     with pytest.raises(ProtocolViolation):
         next_step(Page("3", [1], "3", limit=1))
 
