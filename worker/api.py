@@ -126,22 +126,24 @@ class _RequestGuard:
     """Ends the request in flight when its deadline passes, or when :meth:`abort` is called
     from another thread.
 
-    Blocking socket calls cannot be interrupted from Python, so the guard keeps the
-    connections the current request uses (see :class:`_GuardedConnection`) and shuts their
-    sockets down: the blocked read then fails at once. The watchdog is a timer thread per
-    request, cancelled and joined when the request ends, so none outlives it.
+    Blocking socket calls cannot be interrupted from Python, so the guard keeps the sockets
+    the current request uses (see :class:`_GuardedConnection`) and shuts them down: the
+    blocked read then fails at once. It keeps the sockets, not the connections: a response
+    with ``Connection: close`` takes the socket away from its connection. The watchdog is a
+    timer thread per request, cancelled and joined when the request ends, so none outlives
+    it.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._conns: list[HTTPConnection] = []
+        self._socks: list[socket.socket] = []
         self._fired: str | None = None  # "deadline" or "aborted", for the current request
         self._timer: threading.Timer | None = None
         self.aborted = threading.Event()
 
     def start(self, seconds: float) -> None:
         with self._lock:
-            self._conns = []
+            self._socks = []
             self._fired = "aborted" if self.aborted.is_set() else None
         timer = threading.Timer(seconds, self._fire, args=("deadline",))
         timer.name = "sequin-request-deadline"
@@ -156,15 +158,18 @@ class _RequestGuard:
             timer.cancel()
             timer.join()
         with self._lock:
-            self._conns = []
+            self._socks = []
             return self._fired
 
     def attach(self, conn: HTTPConnection) -> None:
+        sock = getattr(conn, "sock", None)  # None until connected
+        if sock is None:
+            return
         with self._lock:
-            if conn not in self._conns:
-                self._conns.append(conn)
+            if sock not in self._socks:
+                self._socks.append(sock)
             if self._fired is not None:
-                _shutdown(conn)
+                _shutdown(sock)
 
     def abort(self) -> None:
         self.aborted.set()
@@ -174,16 +179,15 @@ class _RequestGuard:
         with self._lock:
             if self._fired is None:
                 self._fired = reason
-            for conn in self._conns:
-                _shutdown(conn)
+            for sock in self._socks:
+                _shutdown(sock)
 
 
-def _shutdown(conn: HTTPConnection) -> None:
-    sock = getattr(conn, "sock", None)
-    if sock is not None:
-        # socket.socket's own shutdown, also for a TLS socket: it wakes a blocked read.
-        with contextlib.suppress(OSError):
-            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+def _shutdown(sock: socket.socket) -> None:
+    # socket.socket's own shutdown, also for a TLS socket: it wakes a blocked read (a
+    # close would not), even after the connection let go of the socket.
+    with contextlib.suppress(OSError):
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
 
 # The guard of the request the current thread is making (a client is used by one thread at
@@ -563,7 +567,11 @@ class SequinClient:
                 f"timeout: no complete response within {self._request_timeout:g} s "
                 "(SEQUIN_REQUEST_TIMEOUT)"
             )
-        if isinstance(failure, requests.Timeout):
+        # A read timeout in the body comes as a ConnectionError from requests: still a timeout.
+        if isinstance(failure, requests.Timeout) or (
+            isinstance(failure, requests.ConnectionError)
+            and _connection_reason(failure) == "timed out"
+        ):
             self._observe("timeout", started)
             raise _Retryable("timeout") from None
         if isinstance(failure, requests.ConnectionError):
