@@ -251,7 +251,8 @@ class Page:
 
     @property
     def is_full(self) -> bool:
-        """A full page means more may be waiting: fetch again at once."""
+        """Whether the page holds ``limit`` records. Informative only: the API document says
+        only an empty page means "no more records", so the loop goes on after any other."""
         return len(self.records) >= self.limit
 
     def raw_texts(self) -> Callable[[], list[str] | None] | None:
