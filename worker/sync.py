@@ -40,7 +40,7 @@ from typing import Literal, Protocol
 
 import structlog
 
-from worker.api import Page
+from worker.api import Page, Stopped
 from worker.records import ParsedPage, parse_page
 from worker.store import ApplyResult, Batch, CursorConflict, StoreUnavailable
 
@@ -311,6 +311,10 @@ class Prefetcher:
                         return
                     if self._wait(poll_delay(self._poll_interval)):
                         return
+        except Stopped:
+            # The source was told to stop (the process's stop event may reach it before the
+            # relay sets this session's): the writer sees its own stop; nothing to report.
+            return
         except BaseException as exc:
             if not self._stopping():
                 self._put(exc)
