@@ -101,9 +101,12 @@ class Paginator:
     * a non-empty page that hands back the cursor it was asked with (:func:`next_step`);
     * a cycle: a cursor already handed out in this session (among the last ``memory``);
       following it would apply records again while the stored cursor goes back;
-    * a rewind: a record older than the last record of the previous non-empty page (the
-      stream is ordered by ``upstream_updated_at``), which would put the table ahead of the
-      stored cursor.
+    * a rewind: a page that starts with a record older than the last record of the
+      previous non-empty page (the stream is ordered by ``upstream_updated_at``): the API
+      went back to an earlier position, and following it would put the table ahead of the
+      stored cursor. Only the page's first record is compared: a single mis-stamped record
+      further on is a bad record, not a change of position (per key, the newer version
+      still wins in the store), and must not stop the stream.
     """
 
     def __init__(self, start: str | None, *, memory: int = 1000) -> None:
@@ -125,12 +128,12 @@ class Paginator:
                 "in this session: following it would apply records again"
             )
         if parsed.records:
-            oldest = min(r.upstream_updated_at for r in parsed.records)
-            if self._last is not None and oldest < self._last:
+            first = parsed.records[0].upstream_updated_at
+            if self._last is not None and first < self._last:
                 raise ProtocolViolation(
-                    f"the API went back in the stream: a record of {oldest.isoformat()} "
-                    f"came after one of {self._last.isoformat()} (records are ordered by "
-                    "upstream_updated_at)"
+                    f"the API went back in the stream: a page starting with a record of "
+                    f"{first.isoformat()} came after one ending with {self._last.isoformat()} "
+                    "(records are ordered by upstream_updated_at)"
                 )
             self._last = parsed.records[-1].upstream_updated_at
         self._pages += 1
