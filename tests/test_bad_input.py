@@ -517,7 +517,8 @@ def test_a_page_of_valid_json_in_the_wrong_shape_is_retried_then_applied(
     with ScriptedAPI(answer) as api, capture_logs() as logs:
         outcome = backfill(sim, db, SEQUIN_BASE_URL=api.base_url, SEQUIN_PAGE_SIZE=10)
 
-    assert [r.get("after_cursor") for r in api.requests] == [None, None]
+    # The same position again, then (a short page is not the end) the empty page after c1.
+    assert [r.get("after_cursor") for r in api.requests] == [None, None, "c1"]
     retries = [e for e in logs if e["event"] == "api_retry"]
     assert len(retries) == 1 and "bad body" in retries[0]["reason"]
     assert outcome.totals.received == 2

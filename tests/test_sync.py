@@ -51,6 +51,9 @@ class FakeSource:
         cursor = str(start + len(chunk)) if chunk else (after_cursor or "0")
         return Page(after_cursor=after_cursor, records=chunk, cursor=cursor, limit=self.limit)
 
+    def abort(self) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -90,8 +93,8 @@ def make_loop(source: FakeSource, sink: FakeSink, *, mode: str = "backfill", **k
 
 def test_next_step_is_pure_pagination_logic() -> None:
     assert next_step(Page(None, [1, 2], "2", limit=2)) == "more"
-    assert next_step(Page("2", [1], "3", limit=2)) == "caught_up"
-    assert next_step(Page("3", [], "3", limit=2)) == "caught_up"
+    assert next_step(Page("2", [1], "3", limit=2)) == "more"  # short: more may follow
+    assert next_step(Page("3", [], "3", limit=2)) == "caught_up"  # only empty means caught up
     with pytest.raises(ProtocolViolation):
         next_step(Page("3", [1], "3", limit=1))
 
@@ -364,3 +367,157 @@ def test_pages_held_through_repeated_failures_stay_bounded() -> None:
     first = sink.attempts[0][1]
     assert all(n == first for _, n in sink.attempts)  # the same pages each time, not more
     assert len(loop._held) <= first + 3  # and at most a prefetch queue's worth behind them
+
+
+# --------------------------------------------------------------------------- never stuck
+
+
+class ShortPages(FakeSource):
+    """Every page holds at most ``limit - 3`` records though more follow (allowed by the API
+    document: only an empty page means there is no more)."""
+
+    def fetch_page(self, after_cursor: str | None) -> Page:
+        page = super().fetch_page(after_cursor)
+        if len(page.records) > self.limit - 3:
+            start = int(after_cursor) if after_cursor else 0
+            page.records = page.records[: self.limit - 3]
+            page.cursor = str(start + len(page.records))
+        return page
+
+
+def test_a_short_page_mid_stream_is_not_the_end_of_a_backfill() -> None:
+    log: list[str | None] = []
+    source = ShortPages([rec(i) for i in range(95)], limit=10, log=log)
+    sink = FakeSink()
+    assert make_loop(source, sink).run() is True
+    assert len(sink.rows) == 95 and sink.cursor == "95"
+    assert log[-1] == "95"  # ended by the empty page
+
+
+def test_run_polls_again_at_once_after_a_short_page_and_waits_after_an_empty_one() -> None:
+    log: list[str | None] = []
+    source = ShortPages([rec(i) for i in range(95)], limit=10, log=log)
+    sink = FakeSink()
+    loop = make_loop(source, sink, mode="run", poll_interval=30)
+    t = threading.Thread(target=loop.run)
+    t.start()
+    try:
+        deadline = time.monotonic() + 5
+        while sink.cursor != "95" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sink.cursor == "95"  # no poll interval between the short pages
+        time.sleep(0.3)
+        assert log.count("95") == 1  # the empty page: now it waits
+    finally:
+        loop._stop.set()
+        t.join(5)
+    assert not t.is_alive()
+
+
+class Replay(FakeSource):
+    """A well-behaved stream until page ``at``, which comes back with ``page``'s fields."""
+
+    def __init__(self, records: list[dict[str, Any]], at: int, bad: dict[str, Any]) -> None:
+        super().__init__(records, limit=10, log=[])
+        self.at = at
+        self.bad = bad
+
+    def fetch_page(self, after_cursor: str | None) -> Page:
+        page = super().fetch_page(after_cursor)
+        if len(self.log) == self.at:
+            for name, value in self.bad.items():
+                setattr(page, name, value)
+        return page
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"cursor": "10"},  # a cycle: back to the cursor of page 1
+        {"cursor": None},  # a cycle: back to where the session started (set below)
+        {"records": [rec(15)], "cursor": "31"},  # a rewind under a fresh cursor
+    ],
+    ids=["cycle", "cycle-to-start", "rewind"],
+)
+def test_a_page_going_back_stops_the_loop_before_it_is_applied(bad: dict[str, Any]) -> None:
+    records = [rec(i) for i in range(60)]
+    sink = FakeSink()
+    sink.cursor = "0"
+    if bad["cursor"] is None:
+        bad = {"cursor": "0"}
+    source = Replay(records, at=4, bad=bad)
+    with pytest.raises(ProtocolViolation, match=r"cursor it had already given|went back"):
+        make_loop(source, sink, batch_max_records=10).run()
+    assert sink.cursor == "30"  # pages 1-3 applied, page 4 not
+    assert len(sink.rows) == 30
+
+
+def test_a_cursor_outside_the_recent_window_is_followed() -> None:
+    from worker.records import parse_page
+    from worker.sync import Paginator
+
+    p = Paginator(None, memory=2)
+    for i, cursor in enumerate(["a", "b", "c", "a"]):
+        page = Page(p.cursor, [rec(i)], cursor, limit=1)
+        parsed = parse_page(page.records, cursor=cursor, after_cursor=page.after_cursor)
+        assert p.advance(page, parsed) == "more"
+    assert p.cursor == "a"
+
+
+class Hung(FakeSource):
+    """Fetches block until aborted (a fetch no deadline ended)."""
+
+    def __init__(self) -> None:
+        super().__init__([], limit=10, log=[])
+        self.released = threading.Event()
+
+    def fetch_page(self, after_cursor: str | None) -> Page:
+        self.log.append(after_cursor)
+        self.released.wait()
+        raise TokenRejected(401, "aborted")
+
+    def abort(self) -> None:
+        self.released.set()
+
+
+def test_a_hung_fetch_lets_the_heartbeat_go_stale_and_halting_ends_it() -> None:
+    source = Hung()
+    loop = make_loop(source, FakeSink(), mode="run")
+    t = threading.Thread(target=loop.run)
+    t.start()
+    try:
+        time.sleep(1.5)
+        assert source.log == [None]
+        assert time.monotonic() - loop.state.heartbeat > 1.0  # stuck shows as stuck
+    finally:
+        loop._stop.set()
+        t.join(5)
+    assert not t.is_alive()
+    assert not [x for x in threading.enumerate() if x.name == "prefetch"]
+
+
+def test_a_poll_wait_keeps_the_heartbeat_fresh() -> None:
+    source = FakeSource([rec(i) for i in range(5)], limit=10, log=[])
+    loop = make_loop(source, FakeSink(), mode="run", poll_interval=3)
+    t = threading.Thread(target=loop.run)
+    t.start()
+    try:
+        ages = []
+        for _ in range(10):
+            time.sleep(0.15)
+            ages.append(time.monotonic() - loop.state.heartbeat)
+        assert max(ages) < 0.6
+        assert source.log == [None, "5"]  # one wait in progress, no busy polling
+    finally:
+        loop._stop.set()
+        t.join(5)
+
+
+def test_one_mis_stamped_record_inside_a_page_is_not_a_rewind() -> None:
+    """Only where a page starts tells its position; a single record with an older stamp
+    further on is a bad record (the store's newer-wins guard handles it), not a rewind."""
+    records = [rec(i) for i in range(30)]
+    records[15] = rec(1, key="stale-stamp")
+    sink = FakeSink()
+    assert make_loop(FakeSource(records, limit=10, log=[]), sink).run() is True
+    assert sink.cursor == "30" and len(sink.rows) == 30

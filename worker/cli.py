@@ -9,7 +9,8 @@ Exit codes (also in the README):
     differ from the configured ones
 3   the API rejected the token (401/403)
 4   the API rejected a request (another 4xx, e.g. an invalid cursor), or answered in a
-    way that breaks the pagination contract
+    way that breaks the pagination contract (a cursor that does not advance, cycles or
+    goes back), or the request cannot be sent at all (no retry can help)
 5   ``backfill``: the API stayed unavailable through SEQUIN_MAX_RETRIES (``run`` retries)
 6   the database: a permanent failure (no privilege, a missing table: the message says
     what to fix), in ``run`` too; or ``backfill``: a batch kept failing through
@@ -35,7 +36,7 @@ import psycopg
 import structlog
 
 from worker import __version__, logs
-from worker.api import ApiUnavailable, RequestRejected, Stopped, TokenRejected
+from worker.api import ApiUnavailable, InvalidRequest, RequestRejected, Stopped, TokenRejected
 from worker.config import ConfigError, Settings, load_settings
 from worker.metrics import Metrics
 from worker.migrations import migrate
@@ -349,7 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _fail(EXIT_CONFIG, str(exc))
     except TokenRejected as exc:
         _fail(EXIT_TOKEN, str(exc))
-    except (RequestRejected, ProtocolViolation) as exc:
+    except (RequestRejected, InvalidRequest, ProtocolViolation) as exc:
         _fail(EXIT_REJECTED, str(exc))
     except ApiUnavailable as exc:
         _fail(EXIT_API_DOWN, str(exc))

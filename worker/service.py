@@ -59,7 +59,11 @@ def make_client_factory(
     stop: threading.Event,
     metrics: Metrics | None = None,
     max_retries: int | None = 20,
+    on_wait: Callable[[], object] | None = None,
 ) -> Callable[[], SequinClient]:
+    """Builds one client per session. ``stop`` (the process's) and the session's own
+    :meth:`SequinClient.abort` both end its retry waits; ``on_wait`` is called during them
+    (the heartbeat: a documented backoff is a live worker)."""
     assert settings.api_token is not None
     token = settings.api_token.get_secret_value()
 
@@ -71,11 +75,13 @@ def make_client_factory(
             page_size=settings.page_size,
             connect_timeout=settings.connect_timeout,
             read_timeout=settings.read_timeout,
+            request_timeout=settings.request_timeout,
             max_retries=max_retries,
             allow_insecure_http=settings.allow_insecure_http,
             stop=stop,
             on_request=metrics.observe_request if metrics else None,
             on_retry=metrics.observe_retry if metrics else None,
+            on_wait=on_wait,
         )
 
     return factory
@@ -309,7 +315,7 @@ def run_consumer(
         name=settings.consumer,
         retry_interval=settings.lock_retry_interval,
     )
-    client_factory = make_client_factory(settings, stop, metrics, budget)
+    client_factory = make_client_factory(settings, stop, metrics, budget, on_wait=state.beat)
     totals = totals or Totals()
     try:
         while not stop.is_set():

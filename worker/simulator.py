@@ -52,6 +52,7 @@ import math
 import os
 import random
 import re
+import select
 import signal
 import socket
 import sys
@@ -59,6 +60,7 @@ import threading
 import time
 import traceback
 import uuid
+from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -223,6 +225,25 @@ class FaultConfig:
     * ``rate_drop``: close the connection without sending anything.
     * ``rate_truncate``: send the real response's headers (full Content-Length)
       and only half of its body, then close the connection.
+
+    Stalls and pagination faults (each group drawn separately, only when one of its
+    rates is set, so the sequences above do not change):
+
+    * ``rate_silent``: answer nothing until the client gives up (or the server
+      stops): after the real headers, or with ``silent_before_headers`` not even
+      those.
+    * ``rate_trickle``: send the real headers, then the body ``trickle_bytes`` at
+      a time every ``trickle_interval`` seconds.
+    * ``rate_short_page``: a page that would be full comes back with fewer records
+      (1 to limit-1) though more follow; its cursor is that of its last record.
+    * ``rate_cycle``: the right records, but the cursor handed back is one the
+      client sent earlier (the one before the cursor of this request).
+    * ``rate_rewind``: records from an earlier position (after the cursor the
+      client sent before this request's, limit-1 of them) under a fresh cursor:
+      records older than the previous page ended with.
+
+    Cycles and rewinds remember the cursors of recent requests across clients;
+    they are meant for one client at a time.
     """
 
     latency: float = 0.0
@@ -234,8 +255,19 @@ class FaultConfig:
     rate_drop: float = 0.0
     rate_truncate: float = 0.0
     seed: int = 0
+    # --- stalls and pagination faults ---
+    rate_silent: float = 0.0
+    silent_before_headers: bool = False
+    rate_trickle: float = 0.0
+    trickle_bytes: int = 1
+    trickle_interval: float = 2.0
+    rate_short_page: float = 0.0
+    rate_cycle: float = 0.0
+    rate_rewind: float = 0.0
+    # --- end of stalls and pagination faults ---
 
     def __post_init__(self) -> None:
+        self._check_stall_and_paging()
         for name in (
             "rate_429",
             "retry_after_http_date_share",
@@ -250,14 +282,30 @@ class FaultConfig:
         if self.latency < 0 or self.retry_after < 0:
             raise ValueError("FaultConfig.latency and retry_after must be >= 0")
 
+    def _check_stall_and_paging(self) -> None:
+        for name in ("rate_silent", "rate_trickle", "rate_short_page", "rate_cycle", "rate_rewind"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"FaultConfig.{name} must be within [0, 1], got {value!r}")
+        if self.rate_silent + self.rate_trickle > 1.0:
+            raise ValueError("FaultConfig.rate_silent + rate_trickle must not exceed 1")
+        if self.rate_short_page + self.rate_cycle + self.rate_rewind > 1.0:
+            raise ValueError(
+                "FaultConfig.rate_short_page + rate_cycle + rate_rewind must not exceed 1"
+            )
+        if self.trickle_bytes < 1 or self.trickle_interval < 0:
+            raise ValueError("FaultConfig.trickle_bytes must be >= 1 and trickle_interval >= 0")
+
 
 class RequestLogEntry(NamedTuple):
     """One request as the server saw it.
 
     ``time`` is ``time.monotonic()`` when the request was received; ``params`` the
     query parameters (last value wins); ``status`` the HTTP status sent, or
-    ``"drop"`` / ``"truncate"``.  ``retry_after`` is set for 429 answers only and
-    counts from ``time``: a client honouring the ``Retry-After`` header cannot
+    ``"drop"`` / ``"truncate"``, or (a 200 altered by a fault) ``"silent"`` /
+    ``"trickle"`` / ``"short_page"`` / ``"cycle"`` / ``"rewind"``.
+    ``retry_after`` is set for 429 answers only and counts from ``time``: a
+    client honouring the ``Retry-After`` header cannot
     send its next request before ``time + retry_after``.  (It is at least the
     header's value; latency and the rounding of HTTP-dates make it larger.)
     """
@@ -667,6 +715,9 @@ class Simulator:
         self._fault_lock = threading.Lock()
         self.request_log: list[RequestLogEntry] = []
         self._log_lock = threading.Lock()
+        # Stalls and pagination faults: cursors recent requests sent, the fault of a page.
+        self._sent_cursors: deque[str] = deque(maxlen=64)
+        self._page_fault = threading.local()
 
         self._server: _Server | None = None
         self._serve_thread: threading.Thread | None = None
@@ -1376,8 +1427,72 @@ class Simulator:
         except ValueError:
             raise _HTTPError(400, "invalid_cursor", "invalid cursor") from None
         flt = self._make_filter(filters["sync_id"], filters["provider"], filters["collection"])
-        items, last = self._page(after, limit, flt)
-        return self._render(items, last, sent)
+        return self._answer_page(after, limit, flt, sent)
+
+    # ------------------------------------------------------------------ stalls and paging faults
+
+    def _roll_stall(self) -> str | None:
+        """``"silent"``, ``"trickle"`` or None for one request (its own draw)."""
+        with self._fault_lock:
+            f = self._faults
+            if f.rate_silent <= 0 and f.rate_trickle <= 0:
+                return None
+            u = self._fault_rng.random()
+            if u < f.rate_silent:
+                return "silent"
+            if u < f.rate_silent + f.rate_trickle:
+                return "trickle"
+            return None
+
+    def _roll_page_fault(self, limit: int) -> tuple[str | None, int]:
+        """``("short_page" | "cycle" | "rewind" | None, records of a short page)``."""
+        with self._fault_lock:
+            f, rng = self._faults, self._fault_rng
+            if f.rate_short_page <= 0 and f.rate_cycle <= 0 and f.rate_rewind <= 0:
+                return None, limit
+            u = rng.random()
+            if u < f.rate_short_page:
+                return "short_page", rng.randint(1, limit - 1) if limit > 1 else limit
+            u -= f.rate_short_page
+            if u < f.rate_cycle:
+                return "cycle", limit
+            u -= f.rate_cycle
+            if u < f.rate_rewind:
+                return "rewind", limit
+            return None, limit
+
+    def _answer_page(self, after: _Pos | None, limit: int, flt: _Filter, sent: str | None) -> bytes:
+        """The page after ``after``, unless a pagination fault alters it."""
+        fault, short = self._roll_page_fault(limit)
+        with self._lock:
+            earlier = next((c for c in reversed(self._sent_cursors) if c != sent), None)
+            if sent is not None and (not self._sent_cursors or self._sent_cursors[-1] != sent):
+                self._sent_cursors.append(sent)
+        if fault in ("cycle", "rewind") and earlier is None:
+            fault = None  # nothing to go back to yet
+        if fault == "rewind":
+            assert earlier is not None
+            items, last = self._page(self._check_cursor(earlier), max(1, limit - 1), flt)
+            body = self._render(items, last, earlier)
+        else:
+            items, last = self._page(after, limit, flt)
+            if fault == "short_page" and len(items) == limit and short < limit:
+                items, last = self._page(after, short, flt)
+            elif fault == "short_page":
+                fault = None  # not a full page: nothing to cut
+            body = self._render(items, last, sent)
+            if fault == "cycle":
+                assert earlier is not None
+                body = self._render(items, None, earlier)  # the right records, an old cursor
+        self._page_fault.kind = fault
+        return body
+
+    def _take_page_fault(self) -> str | None:
+        kind: str | None = getattr(self._page_fault, "kind", None)
+        self._page_fault.kind = None
+        return kind
+
+    # ------------------------------------------------------------------ end of stalls, faults
 
 
 class _Server(ThreadingHTTPServer):
@@ -1477,6 +1592,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_5xx(fault.status, fault.html)
             return
 
+        stall = sim._roll_stall()
         status: int
         if split.path != RECORDS_PATH:
             status, body = 404, _error_body("not_found", f"no route for {split.path}")
@@ -1490,8 +1606,14 @@ class _Handler(BaseHTTPRequestHandler):
                 traceback.print_exc()
                 status, body = 500, _error_body("simulator_bug", "unexpected error in simulator")
         extra = {"WWW-Authenticate": 'Bearer realm="sequin"'} if status == 401 else None
+        page_fault = sim._take_page_fault()
+        if stall is not None and status == 200:
+            sim._log(RequestLogEntry(received, params, stall, None))
+            self._stall(stall, body, sim)
+            return
         truncate = fault is not None and fault.kind == "truncate"
-        sim._log(RequestLogEntry(received, params, "truncate" if truncate else status, None))
+        logged: int | str = "truncate" if truncate else (page_fault or status)
+        sim._log(RequestLogEntry(received, params, logged, None))
         if truncate:
             self.close_connection = True
         self._send(status, body, extra=extra, truncate=truncate)
@@ -1510,6 +1632,58 @@ class _Handler(BaseHTTPRequestHandler):
             code = reason.lower().replace(" ", "_")
             self._send(status, _error_body(code, f"upstream error ({status} {reason})"))
 
+    def _head(
+        self,
+        status: int,
+        length: int,
+        content_type: str = "application/json",
+        extra: dict[str, str] | None = None,
+    ) -> bytes:
+        reason = self.responses.get(status, ("",))[0]
+        lines = [
+            f"HTTP/1.1 {status} {reason}",
+            f"Server: {self.server_version}",
+            f"Date: {email.utils.formatdate(usegmt=True)}",
+            f"Content-Type: {content_type}",
+            f"Content-Length: {length}",
+        ]
+        lines.extend(f"{name}: {value}" for name, value in (extra or {}).items())
+        if self.close_connection:
+            lines.append("Connection: close")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+    # --- stalls: a server that goes silent or trickles its answer ---
+
+    def _stall(self, kind: str, body: bytes, sim: Simulator) -> None:
+        """Answer ``body`` (a 200) the slow way, until done, the client leaves or we stop."""
+        self.close_connection = True  # the client may give up mid-answer
+        try:
+            if kind == "silent":
+                if not sim.faults.silent_before_headers:
+                    self.wfile.write(self._head(200, len(body)))
+                while not sim._stopping.wait(0.05) and not self._client_left():
+                    pass
+                return
+            self.wfile.write(self._head(200, len(body)))
+            step = sim.faults.trickle_bytes
+            for start in range(0, len(body), step):
+                if sim._stopping.wait(sim.faults.trickle_interval) or self._client_left():
+                    return
+                self.wfile.write(body[start : start + step])
+        except OSError:
+            return  # the client went away
+
+    def _client_left(self) -> bool:
+        # Readable with nothing to read: the client closed (or reset) the connection.
+        conn = self.connection
+        try:
+            readable, _, _ = select.select([conn], [], [], 0)
+            return bool(readable) and conn.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
+
+    # --- end of stalls ---
+
     def _send(
         self,
         status: int,
@@ -1519,18 +1693,7 @@ class _Handler(BaseHTTPRequestHandler):
         extra: dict[str, str] | None = None,
         truncate: bool = False,
     ) -> None:
-        reason = self.responses.get(status, ("",))[0]
-        lines = [
-            f"HTTP/1.1 {status} {reason}",
-            f"Server: {self.server_version}",
-            f"Date: {email.utils.formatdate(usegmt=True)}",
-            f"Content-Type: {content_type}",
-            f"Content-Length: {len(body)}",
-        ]
-        lines.extend(f"{name}: {value}" for name, value in (extra or {}).items())
-        if self.close_connection:
-            lines.append("Connection: close")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        head = self._head(status, len(body), content_type, extra)
         try:
             self.wfile.write(head + (body[: len(body) // 2] if truncate else body))
         except OSError:
@@ -1595,6 +1758,42 @@ def _build_parser() -> argparse.ArgumentParser:
         "(non-objects, NaN, Infinity, invalid UTF-8, a NUL byte)",
     )
     # -- end hostile items
+    # --- stalls and pagination faults ---
+    parser.add_argument(
+        "--fault-silent", type=_rate, default=0.0, help="share of answers that never come"
+    )
+    parser.add_argument(
+        "--silent-before-headers",
+        action="store_true",
+        help="silent answers send nothing at all (default: the headers, then nothing)",
+    )
+    parser.add_argument(
+        "--fault-trickle", type=_rate, default=0.0, help="share of bodies sent a little at a time"
+    )
+    parser.add_argument(
+        "--trickle-bytes", type=int, default=1, help="bytes per trickled write (default 1)"
+    )
+    parser.add_argument(
+        "--trickle-interval",
+        type=_non_negative,
+        default=2.0,
+        help="seconds between trickled writes (default 2)",
+    )
+    parser.add_argument(
+        "--fault-short-page",
+        type=_rate,
+        default=0.0,
+        help="share of full pages cut short though more records follow",
+    )
+    parser.add_argument(
+        "--fault-cycle", type=_rate, default=0.0, help="share of pages whose cursor goes back"
+    )
+    parser.add_argument(
+        "--fault-rewind",
+        type=_rate,
+        default=0.0,
+        help="share of pages serving records older than the previous page",
+    )
     return parser
 
 
@@ -1610,6 +1809,14 @@ def main(argv: list[str] | None = None) -> int:
             rate_drop=args.fault_drop,
             rate_truncate=args.fault_truncate,
             seed=args.seed,
+            rate_silent=args.fault_silent,
+            silent_before_headers=args.silent_before_headers,
+            rate_trickle=args.fault_trickle,
+            trickle_bytes=args.trickle_bytes,
+            trickle_interval=args.trickle_interval,
+            rate_short_page=args.fault_short_page,
+            rate_cycle=args.fault_cycle,
+            rate_rewind=args.fault_rewind,
         )
         sim = Simulator(
             token=args.token,

@@ -12,8 +12,14 @@ Shape of a session (from one committed cursor):
 * the applying thread takes the first waiting page and, while behind, the pages already
   waiting behind it (up to ``batch_max_records``), and applies them as one batch whose
   cursor is the last page's. While tailing that is one page per transaction.
-* after a page that is not full the stream is caught up: ``backfill`` ends there; ``run``
-  waits ``poll_interval`` (±20% jitter) and polls again.
+* only an empty page means the stream is caught up (a short page may be followed by more,
+  so the next is fetched at once): ``backfill`` ends there; ``run`` waits ``poll_interval``
+  (±20% jitter) and polls again.
+* every page is checked against the pagination contract (:class:`Paginator`) before it is
+  queued, so a page that would loop or go back in the stream is never applied.
+* the loop's heartbeat (:class:`LoopState`) moves only with progress: a page fetched, a
+  batch applied, a deliberate wait (polling, an API retry backoff, standing by). A fetch
+  that hangs, or a writer stuck in the database, lets it go stale.
 
 If a batch fails (the connection is lost, a deadlock, a statement timeout...) the session
 ends, and a new one reconnects and reads the cursor the database holds. The pages already
@@ -38,7 +44,7 @@ from typing import Literal, Protocol
 
 import structlog
 
-from worker.api import Page
+from worker.api import Page, Stopped
 from worker.failures import Decision, FailureClass, RetryBudget, what_to_fix
 from worker.failures import backoff_delay as backoff_delay  # its home is worker.failures
 from worker.records import ParsedPage, parse_page
@@ -53,6 +59,9 @@ class Source(Protocol):
     """Where pages come from (the API client)."""
 
     def fetch_page(self, after_cursor: str | None) -> Page: ...
+
+    def abort(self) -> None:
+        """End a fetch in flight (called from another thread); later fetches end at once."""
 
     def close(self) -> None: ...
 
@@ -85,14 +94,69 @@ class DatabaseRefused(Exception):
 def next_step(page: Page) -> Literal["more", "caught_up"]:
     """Pure pagination rule: what to do after ``page``.
 
-    A full page means more may be waiting; anything shorter means caught up. A non-empty page
-    that hands back the cursor it was asked with would be fetched forever: refused.
+    The API document says only an empty page means "no more records": after any other page,
+    short ones included, fetch again at once. A non-empty page that hands back the cursor it
+    was asked with would be fetched forever: refused.
     """
     if page.records and page.cursor == page.after_cursor:
         raise ProtocolViolation(
             f"the API returned {len(page.records)} records but did not advance the cursor"
         )
-    return "more" if page.is_full else "caught_up"
+    return "more" if page.records else "caught_up"
+
+
+class Paginator:
+    """Owns the cursor of one session, and checks every page against the pagination
+    contract before the page may be applied. Raises :class:`ProtocolViolation` for:
+
+    * a non-empty page that hands back the cursor it was asked with (:func:`next_step`);
+    * a cycle: a cursor already handed out in this session (among the last ``memory``);
+      following it would apply records again while the stored cursor goes back;
+    * a rewind: a page that starts with a record older than the last record of the
+      previous non-empty page (the stream is ordered by ``upstream_updated_at``): the API
+      went back to an earlier position, and following it would put the table ahead of the
+      stored cursor. Only the page's first record is compared: a single mis-stamped record
+      further on is a bad record, not a change of position (per key, the newer version
+      still wins in the store), and must not stop the stream.
+    """
+
+    def __init__(self, start: str | None, *, memory: int = 1000) -> None:
+        self.cursor = start
+        self._memory = memory
+        self._seen: dict[str, int] = {}  # cursor -> page number, oldest first
+        self._pages = 0
+        self._last: datetime | None = None
+        if start is not None:
+            self._remember(start)
+
+    def advance(self, page: Page, parsed: ParsedPage) -> Literal["more", "caught_up"]:
+        """Check ``page`` (and its parsed records), move the cursor, and say what comes next."""
+        step = next_step(page)
+        if page.cursor != page.after_cursor and page.cursor in self._seen:
+            ago = self._pages - self._seen[page.cursor]
+            raise ProtocolViolation(
+                f"the API handed back a cursor it had already given {ago} page(s) earlier "
+                "in this session: following it would apply records again"
+            )
+        if parsed.records:
+            first = parsed.records[0].upstream_updated_at
+            if self._last is not None and first < self._last:
+                raise ProtocolViolation(
+                    f"the API went back in the stream: a page starting with a record of "
+                    f"{first.isoformat()} came after one ending with {self._last.isoformat()} "
+                    "(records are ordered by upstream_updated_at)"
+                )
+            self._last = parsed.records[-1].upstream_updated_at
+        self._pages += 1
+        self._remember(page.cursor)
+        self.cursor = page.cursor
+        return step
+
+    def _remember(self, cursor: str) -> None:
+        self._seen.pop(cursor, None)
+        self._seen[cursor] = self._pages
+        if len(self._seen) > self._memory:
+            del self._seen[next(iter(self._seen))]
 
 
 def poll_delay(interval: float, rng: random.Random | None = None) -> float:
@@ -140,8 +204,11 @@ class Totals:
 class LoopState:
     """What the loop is doing, read by health checks and metrics (written by the loop only).
 
-    ``heartbeat`` is a ``time.monotonic()`` stamp refreshed whenever the loop makes progress
-    or is deliberately waiting; a stale heartbeat means the loop is stuck.
+    ``heartbeat`` is a ``time.monotonic()`` stamp refreshed whenever the pipeline makes
+    progress (a page fetched, a batch applied) or is deliberately waiting (polling, an API
+    retry backoff, standing by, reconnecting); never while merely waiting on another part.
+    A stale heartbeat means the loop is stuck. One request is bounded by
+    ``SEQUIN_REQUEST_TIMEOUT``, which the settings keep below ``SEQUIN_HEARTBEAT_TIMEOUT``.
     """
 
     status: str = "starting"
@@ -167,7 +234,9 @@ class Prefetcher:
     """Fetches and validates pages ahead of the writer on a daemon thread.
 
     Items on :attr:`queue` are :class:`Fetched` pages in stream order, or the exception that
-    ended the thread. The queue is bounded by ``depth`` pages.
+    ended the thread. The queue is bounded by ``depth`` pages. The cursor and the checks of
+    the pagination contract belong to a :class:`Paginator`; ``on_progress`` is called after
+    each page fetched and during poll waits (the heartbeat).
     """
 
     def __init__(
@@ -179,10 +248,12 @@ class Prefetcher:
         poll_interval: float,
         depth: int,
         stop: threading.Event,
+        on_progress: Callable[[], object] | None = None,
     ) -> None:
         self.queue: queue.Queue[Fetched | BaseException] = queue.Queue(maxsize=depth)
         self._source = source
-        self._cursor = start
+        self._start = start
+        self._on_progress = on_progress
         self._mode = mode
         self._poll_interval = poll_interval
         self._stop = stop
@@ -194,9 +265,31 @@ class Prefetcher:
         return self
 
     def halt(self) -> None:
-        """Stop fetching. The thread may finish an HTTP request in flight, then exits; its
-        source is closed by the thread itself, never shared with a later prefetcher."""
+        """Stop fetching at once: the request in flight or the retry wait is aborted and the
+        thread exits. Its source is closed by the thread itself, never shared with a later
+        prefetcher."""
         self._halt.set()
+        self._source.abort()
+
+    def join(self, timeout: float) -> bool:
+        """Wait for the thread to end; True if it has."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _beat(self) -> None:
+        if self._on_progress is not None:
+            self._on_progress()
+
+    def _wait(self, seconds: float) -> bool:
+        """A deliberate wait (beating); True if told to stop meanwhile."""
+        end = time.monotonic() + seconds
+        while not self._stopping():
+            self._beat()
+            left = end - time.monotonic()
+            if left <= 0:
+                return False
+            self._halt.wait(min(left, 0.25))
+        return True
 
     def _stopping(self) -> bool:
         return self._halt.is_set() or self._stop.is_set()
@@ -211,24 +304,29 @@ class Prefetcher:
         return False
 
     def _run(self) -> None:
+        paginator = Paginator(self._start)
         try:
             while not self._stopping():
-                page = self._source.fetch_page(self._cursor)
-                step = next_step(page)
+                page = self._source.fetch_page(paginator.cursor)
                 parsed = parse_page(
                     page.records,
                     cursor=page.cursor,
                     after_cursor=page.after_cursor,
                     raw_texts=page.raw_texts(),
                 )
+                step = paginator.advance(page, parsed)  # before the page can be applied
+                self._beat()
                 if not self._put(Fetched(parsed, caught_up=step == "caught_up")):
                     return
-                self._cursor = page.cursor
                 if step == "caught_up":
                     if self._mode == "backfill":
                         return
-                    if self._stop.wait(poll_delay(self._poll_interval)) or self._halt.is_set():
+                    if self._wait(poll_delay(self._poll_interval)):
                         return
+        except Stopped:
+            # The source was told to stop (the process's stop event may reach it before the
+            # relay sets this session's): the writer sees its own stop; nothing to report.
+            return
         except BaseException as exc:
             if not self._stopping():
                 self._put(exc)
@@ -471,6 +569,7 @@ class SyncLoop:
     def _session(self, position: str | None) -> bool:
         """Sync from ``position`` until stopped (False) or, in backfill, caught up (True)."""
         self.state.cursor = position
+        self.state.beat()
         start = self._held[-1].page.cursor if self._held else position
         log.info("session_started", cursor=position, mode=self.mode, held=len(self._held))
         prefetch: Prefetcher | None = None
@@ -483,10 +582,11 @@ class SyncLoop:
                 poll_interval=self._poll_interval,
                 depth=self._depth,
                 stop=self._stop,
+                on_progress=self.state.beat,
             ).start()
         try:
             while not self._stop.is_set():
-                self.state.beat()
+                # No heartbeat here: waiting on the prefetcher is not progress (it beats).
                 fetched = self._next_batch(prefetch)
                 if fetched is None:
                     continue
@@ -517,6 +617,8 @@ class SyncLoop:
         finally:
             if prefetch is not None:
                 prefetch.halt()
+                if not prefetch.join(timeout=5):
+                    log.warning("prefetch_thread_lingering")
 
     def _apply(self, position: str | None, pages: list[ParsedPage]) -> str | None:
         batch = Batch(after_cursor=position, pages=pages)
