@@ -140,6 +140,10 @@ def test_a_reader_of_a_view_never_stalls_the_service(
         SEQUIN_AUTO_VIEWS="true",
         SEQUIN_HTTP_PORT=str(port),
         SEQUIN_HEARTBEAT_TIMEOUT="2",
+        # The heartbeat timeout must exceed one request's whole deadline.
+        SEQUIN_REQUEST_TIMEOUT="1.5",
+        SEQUIN_READ_TIMEOUT="1",
+        SEQUIN_CONNECT_TIMEOUT="1",
     )
     _widget_with_new_key(sim, db, env)
     health = f"http://127.0.0.1:{port}/healthz"
