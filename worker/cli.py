@@ -318,7 +318,8 @@ def cmd_views(_args: argparse.Namespace) -> int:
             raise SchemaMissing(
                 f"schema {settings.db_schema!r} has no worker tables: run `sequin-worker migrate`"
             )
-        migrate(conn, settings.db_schema)  # the views registry arrived in a later migration
+        # The views registry arrived in a later migration.
+        migrate(conn, settings.db_schema, DbTimeouts.from_settings(settings))
         # Every collection, by a skip scan of the primary key (cheap): this command is also
         # how views get made for rows stored while SEQUIN_AUTO_VIEWS was off.
         done = refresh_views(conn, settings.db_schema, all_collections(conn, settings.db_schema))

@@ -78,7 +78,8 @@ class Lease:
                     "SELECT set_config('idle_session_timeout', %s, false)", (str(idle_ms),)
                 )
         except psycopg.OperationalError:
-            conn.close()
+            with self._guard:  # never while a deadline's timer may be severing it
+                conn.close()
             raise
         except psycopg.Error as exc:
             # Postgres before 14 has no idle_session_timeout: a dead leader's lock is then
