@@ -58,10 +58,11 @@ class BlackHoleProxy:
         with contextlib.suppress(OSError):
             self._listener.close()
         with self._lock:
-            for s in self._sockets:
-                with contextlib.suppress(OSError):
-                    s.close()
-        for t in self._threads:
+            sockets, threads = list(self._sockets), list(self._threads)
+        for s in sockets:
+            with contextlib.suppress(OSError):
+                s.close()
+        for t in threads:
             t.join(5)
 
     def dsn(self, dsn: str) -> str:
@@ -94,8 +95,9 @@ class BlackHoleProxy:
                 self._sockets += [client, upstream]
             for src, dst in ((client, upstream), (upstream, client)):
                 t = threading.Thread(target=self._pump, args=(src, dst), daemon=True)
-                self._threads.append(t)
                 t.start()
+                with self._lock:
+                    self._threads.append(t)
 
     def _pump(self, src: socket.socket, dst: socket.socket) -> None:
         while not self._closed.is_set():
