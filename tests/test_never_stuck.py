@@ -229,6 +229,31 @@ def test_sigterm_with_a_batch_blocked_on_a_lock_exits_0_within_10_s(
         assert_exact_end_state(db, sim)
 
 
+def test_sigterm_while_the_database_is_silent_mid_batch_exits_0_within_10_s(
+    db: str, proxy: BlackHoleProxy, workers: list[Worker]
+) -> None:
+    """The worker's batch is inside its transaction when the database goes silent (no RST,
+    no FIN), the worker's own bounds set long: SIGTERM still exits 0 within 10 s, with
+    ``worker_stopped``, and without needing the backstop: the cancel goes unanswered, so
+    the connection is severed; the lease's unlock is abandoned after its round trip."""
+    with Simulator(token=TOKEN, seed=305, records=300, record_size=200) as sim:
+        env = worker_env(sim, proxy.dsn(db), SEQUIN_DB_TIMEOUT="60", SEQUIN_PAGE_SIZE="100")
+        w = Worker(["run"], env, "run")
+        workers.append(w)
+        wait_for(lambda: caught_up(sim, db), 60, "the catch-up")
+        with psycopg.connect(db) as blocker:
+            blocker.execute("SELECT 1 FROM sequin.cursors WHERE consumer = 'default' FOR UPDATE")
+            sim.append([sim.make_record("stripe:customer", "x", "2031-01-01T00:00:00Z", {})])
+            wait_for(lambda: blocked_on_a_lock(db), 30, "the batch to wait on the row")
+            proxy.blackhole()
+            rc, took = w.terminate(timeout=20)
+        assert rc == 0, w.stderr
+        assert took < 10, f"exit took {took:.1f} s"
+        assert w.named("db_call_cancelled") and w.named("worker_stopped")
+        assert not w.named("shutdown_deadline_exceeded"), "only the backstop ended it"
+        assert "Traceback" not in w.stderr
+
+
 def test_sigterm_during_an_api_retry_wait_writes_the_summary_and_worker_stopped(
     db: str, workers: list[Worker]
 ) -> None:

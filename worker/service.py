@@ -385,8 +385,13 @@ def run_consumer(
         lease.release()
         store.close()
         if keeper is not None:
-            # On a stop, queued view upkeep waits for the next run: shutdown stays short.
-            keeper.close(STOP_GRACE if stop.is_set() else None)
+            if stop.is_set():
+                # Shutdown must stay short whatever the database does: queued view upkeep
+                # waits for the next run, and a refresh in flight is not waited for (its
+                # thread is a daemon; its transaction rolls back when the process exits).
+                threading.Thread(target=keeper.close, args=(0.0,), daemon=True).start()
+            else:
+                keeper.close()
 
 
 def _relay(

@@ -323,9 +323,9 @@ class PgStore:
 
         Asks the server to cancel the statement (the transaction then rolls back and the
         call fails with :class:`psycopg.errors.QueryCanceled`); if the call has not ended
-        within :attr:`DbTimeouts.round_trip` seconds after that (a silent server), severs
-        the connection so that it fails at once. Returns within about twice that bound;
-        True if a call was in flight.
+        within :attr:`DbTimeouts.round_trip` seconds (a silent server), severs the
+        connection so that it fails at once. Returns within about twice that bound; True
+        if a call was in flight.
         """
         with self._guard:
             conn = self._conn
@@ -333,10 +333,16 @@ class PgStore:
             return False
         bound = self.timeouts.round_trip
         log.info("db_call_cancelled", consumer=self.consumer.name)
-        try:
-            conn.cancel_safe(timeout=bound)
-        except psycopg.Error as exc:
-            log.warning("db_cancel_failed", reason=_describe(exc))
+
+        def cancel() -> None:
+            try:
+                conn.cancel_safe(timeout=bound)
+            except psycopg.Error as exc:
+                log.warning("db_cancel_failed", reason=_describe(exc))
+
+        # The cancel request needs a connection of its own, which a silent server does not
+        # answer either: wait for the call to end, not for the cancel.
+        threading.Thread(target=cancel, name="db-cancel", daemon=True).start()
         if not self._idle.wait(bound):
             with self._guard:
                 if self._conn is conn:
