@@ -32,11 +32,13 @@ from tests.test_crash import (
     wait_for,
     worker_backends,
 )
+from tests.test_store import make_store
 from worker.lease import Lease
 from worker.locks import consumer_lock_key
 from worker.pgconn import DbTimeouts
+from worker.records import parse_page
 from worker.simulator import FaultConfig, Simulator
-from worker.store import ApplyResult, notify_payload
+from worker.store import ApplyResult, Batch, notify_payload
 
 pytestmark = pytest.mark.crash
 
@@ -302,8 +304,6 @@ def test_the_staging_table_is_ours_whatever_the_search_path(db: str) -> None:
 def test_notify_payload_fits_even_with_a_cursor_longer_than_the_limit(db: str) -> None:
     """A cursor longer than NOTIFY's payload limit: the batch commits and the payload is
     truncated (``cursor`` null, ``truncated`` true) instead of failing the transaction."""
-    from tests.test_store import make_store  # the store test's own helper
-
     long_cursor = "c" * 9000
     payload = json.loads(notify_payload("default", ApplyResult(cursor=long_cursor)))
     assert payload["truncated"] is True and payload["cursor"] is None
@@ -323,9 +323,6 @@ def test_notify_payload_fits_even_with_a_cursor_longer_than_the_limit(db: str) -
     listener = threading.Thread(target=listen, daemon=True)
     listener.start()
     ready.wait(10)
-    from worker.records import parse_page
-    from worker.store import Batch
-
     record: dict[str, Any] = {
         "sync_id": None,
         "collection_id": "stripe:customer",
