@@ -84,7 +84,8 @@ class DbTimeouts:
         }
 
     def server_settings(self, *, statement: bool) -> dict[str, str]:
-        """Session settings for the server's side of one of our connections."""
+        """Session settings for the server's side of one of our connections, each in its
+        setting's base unit (seconds for keepalives, milliseconds for the rest)."""
         idle, interval, count = self._keepalive()
         ms = str(int(self.wait * 1000))
         out = {

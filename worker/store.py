@@ -176,7 +176,8 @@ def connect(
     """Open a connection whose every wait is bounded (see :class:`DbTimeouts`): libpq's
     connect timeout, keepalives and ``tcp_user_timeout`` on our side; keepalives,
     ``tcp_user_timeout``, ``lock_timeout`` and ``idle_in_transaction_session_timeout`` on
-    the server's side, plus ``statement_timeout`` if ``statement_timeout`` is true.
+    the server's side, plus ``statement_timeout`` if ``statement_timeout`` is true. A
+    stricter value configured on the role or database is kept.
 
     Raises :class:`StoreUnavailable` (never with the DSN in the message: it may hold a
     password).
@@ -195,11 +196,14 @@ def connect(
     guard = threading.Lock()
     try:
         # Session settings (not startup options: those would replace any `options` in the
-        # DSN, and poolers refuse them). One round trip, itself bounded.
+        # DSN, and poolers refuse them). Ours are ceilings: a stricter value set on the role
+        # or database stays. One round trip, itself bounded.
         with deadline(conn, t.wait, guard):
             conn.execute(
-                "SELECT set_config(name, value, false) FROM unnest(%s::text[], %s::text[])"
-                " AS s(name, value)",
+                "SELECT set_config(s.name, CASE WHEN p.setting::bigint > 0"
+                " AND p.setting::bigint < s.value::bigint THEN p.setting ELSE s.value END,"
+                " false) FROM unnest(%s::text[], %s::text[]) AS s(name, value)"
+                " LEFT JOIN pg_settings p ON p.name = s.name",
                 (list(server), list(server.values())),
             )
             if not autocommit:
