@@ -4,7 +4,9 @@
 -- name: create_stage
 -- Per-connection staging table: COPY lands here, one INSERT ... SELECT applies it.
 -- ON COMMIT DELETE ROWS empties it at every commit, so a batch never sees another's rows.
-CREATE TEMP TABLE IF NOT EXISTS sequin_stage (
+-- Always named pg_temp.sequin_stage: through search_path, a user's table of that name
+-- could be found instead.
+CREATE TEMP TABLE IF NOT EXISTS pg_temp.sequin_stage (
     collection_id       text        NOT NULL,
     upstream_id         text        NOT NULL,
     sync_id             text,
@@ -15,7 +17,7 @@ CREATE TEMP TABLE IF NOT EXISTS sequin_stage (
 ) ON COMMIT DELETE ROWS
 
 -- name: copy_stage
-COPY sequin_stage (collection_id, upstream_id, sync_id, upstream_updated_at, created_at, deleted, data)
+COPY pg_temp.sequin_stage (collection_id, upstream_id, sync_id, upstream_updated_at, created_at, deleted, data)
 FROM STDIN (FORMAT BINARY)
 
 -- name: upsert_rows
@@ -27,7 +29,7 @@ WITH changed AS (
         (collection_id, upstream_id, sync_id, data, deleted, upstream_updated_at, created_at, synced_at)
     SELECT collection_id, upstream_id, sync_id::uuid, data, deleted, upstream_updated_at,
            created_at, now()
-    FROM sequin_stage
+    FROM pg_temp.sequin_stage
     WHERE %(include_deletes)s OR NOT deleted
     ON CONFLICT (collection_id, upstream_id) DO UPDATE SET
         sync_id = EXCLUDED.sync_id,
@@ -44,7 +46,7 @@ SELECT collection_id, deleted, count(*) FROM changed GROUP BY collection_id, del
 -- name: apply_hard_deletes
 WITH gone AS (
     DELETE FROM {schema}.records AS r
-    USING sequin_stage AS s
+    USING pg_temp.sequin_stage AS s
     WHERE s.deleted
       AND r.collection_id = s.collection_id
       AND r.upstream_id = s.upstream_id
@@ -74,7 +76,7 @@ UPDATE {schema}.cursors SET
 WHERE consumer = %(consumer)s
 
 -- name: clear_stage
-DELETE FROM sequin_stage
+DELETE FROM pg_temp.sequin_stage
 
 -- name: insert_dead_letter
 INSERT INTO {schema}.dead_letters (consumer, after_cursor, collection_id, upstream_id, reason, raw)

@@ -3,7 +3,8 @@
 Exit codes (also in the README):
 
 ==  ===========================================================================
-0   success; or stopped by SIGTERM/SIGINT after finishing the batch in flight
+0   success; or stopped by SIGTERM/SIGINT (within 10 s: the batch in flight is given
+    a second to finish, then cancelled and rolled back)
 1   unexpected internal error (a bug: the traceback is logged)
 2   configuration error: a bad or missing setting, or a consumer whose stored filters
     differ from the configured ones
@@ -41,6 +42,7 @@ from worker.config import ConfigError, Settings, load_settings
 from worker.metrics import Metrics
 from worker.migrations import migrate
 from worker.ops import OpsServer
+from worker.pgconn import DbTimeouts
 from worker.status import Progress, SchemaMissing
 from worker.store import ConsumerMismatch, StoreFailure
 from worker.sync import (
@@ -73,17 +75,62 @@ class Exit(Exception):
         self.message = message
 
 
-def install_signal_handlers(stop: threading.Event) -> None:
-    """SIGTERM/SIGINT ask the loop to stop after the batch in flight; a second one forces."""
+# A stop that has not ended the process by then ends it (exit 0: every write is transactional,
+# so dropping the connections rolls back whatever is in flight). The promise is 10 s.
+SHUTDOWN_DEADLINE = 8.0
+
+
+def install_signal_handlers(
+    stop: threading.Event, on_deadline: Callable[[], None] | None = None
+) -> None:
+    """SIGTERM/SIGINT ask the loop to stop (the batch in flight gets a second, then is
+    cancelled); a second signal forces. ``on_deadline`` runs if the process is still there
+    :data:`SHUTDOWN_DEADLINE` seconds after the first signal, then the process exits 0."""
 
     def handler(signum: int, _frame: FrameType | None) -> None:
         if stop.is_set():
             os._exit(128 + signum)
         log.info("shutdown_requested", signal=signal.Signals(signum).name)
         stop.set()
+        timer = threading.Timer(SHUTDOWN_DEADLINE, _deadline, args=(on_deadline,))
+        timer.daemon = True
+        timer.start()
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+
+
+def _deadline(on_deadline: Callable[[], None] | None) -> None:
+    log.warning("shutdown_deadline_exceeded", seconds=SHUTDOWN_DEADLINE)
+    try:
+        if on_deadline is not None:
+            on_deadline()
+    finally:
+        os._exit(EXIT_OK)
+
+
+class Ending:
+    """Writes the summary line (backfill) and ``worker_stopped`` exactly once, however the
+    command ends: caught up, stopped (also during an API retry wait), failed, or cut short
+    by the shutdown deadline."""
+
+    def __init__(self, mode: str, totals: Totals) -> None:
+        self._mode = mode
+        self._totals = totals
+        self._lock = threading.Lock()
+        self._done = False
+
+    def __call__(self, *, caught_up: bool, **fields: object) -> None:
+        with self._lock:
+            if self._done:
+                return
+            self._done = True
+        if self._mode == "backfill":
+            line = summary_line(self._totals)
+            if not caught_up:
+                line = line.replace("complete", "interrupted", 1)
+            print(line, flush=True)
+        log.info("worker_stopped", mode=self._mode, caught_up=caught_up, **fields)
 
 
 def _settings(require: tuple[str, ...]) -> Settings:
@@ -115,7 +162,9 @@ def cmd_sync(args: argparse.Namespace, mode: str) -> int:
 
     settings = _settings(("api_token", "database_url"))
     stop = threading.Event()
-    install_signal_handlers(stop)
+    totals = Totals()
+    ending = Ending(mode, totals)
+    install_signal_handlers(stop, lambda: ending(caught_up=False, cut_short=True))
     log.info(
         "worker_started",
         mode=mode,
@@ -126,7 +175,6 @@ def cmd_sync(args: argparse.Namespace, mode: str) -> int:
         delete_mode=settings.delete_mode,
     )
     state = LoopState()
-    totals = Totals()
     metrics = Metrics(settings.consumer, __version__)
     ops = None
     if mode == "run" and settings.http_port:
@@ -135,6 +183,8 @@ def cmd_sync(args: argparse.Namespace, mode: str) -> int:
     if mode == "backfill":
         tty = logs.renders_for_humans(settings.log_format)
         progress = Progress(totals, state, tty=tty).start()
+    caught_up = False
+    failed: str | None = None
     try:
         outcome = run_consumer(
             settings,
@@ -147,22 +197,24 @@ def cmd_sync(args: argparse.Namespace, mode: str) -> int:
             # On a TTY the progress line says it all; per-batch events would scroll it away.
             batch_log_level="debug" if progress is not None and progress.tty else "info",
         )
+        caught_up = outcome.caught_up
+    except Stopped:
+        pass  # stopped during an API retry wait: an ordinary stop
     except ConsumerBusy as exc:
+        failed = type(exc).__name__
         raise Exit(EXIT_BUSY, str(exc)) from None
+    except BaseException as exc:
+        failed = type(exc).__name__
+        raise
     finally:
         if ops is not None:
             ops.stop()
         if progress is not None:
             progress.stop()
-    if mode == "backfill":
-        if outcome.caught_up:
-            print(summary_line(outcome.totals), flush=True)
+        if failed is None:
+            ending(caught_up=caught_up)
         else:
-            print(
-                summary_line(outcome.totals).replace("complete", "interrupted"),
-                flush=True,
-            )
-    log.info("worker_stopped", mode=mode)
+            ending(caught_up=False, error=failed)
     return EXIT_OK
 
 
@@ -195,8 +247,12 @@ def cmd_migrate(_args: argparse.Namespace) -> int:
 
     settings = _settings(("database_url",))
     assert settings.database_url is not None
-    with connect(settings.database_url.get_secret_value(), autocommit=True) as conn:
-        applied = migrate(conn, settings.db_schema)
+    with connect(
+        settings.database_url.get_secret_value(),
+        autocommit=True,
+        timeouts=DbTimeouts.from_settings(settings),
+    ) as conn:
+        applied = migrate(conn, settings.db_schema, DbTimeouts.from_settings(settings))
     print(
         f"schema {settings.db_schema}: applied {applied}"
         if applied
@@ -217,7 +273,12 @@ def cmd_reset(args: argparse.Namespace) -> int:
             f"this deletes the cursor of consumer {name!r}: its next run starts from the "
             "beginning of the stream. Repeat with --yes to do it.",
         )
-    found = reset_consumer(settings.database_url.get_secret_value(), settings.db_schema, name)
+    found = reset_consumer(
+        settings.database_url.get_secret_value(),
+        settings.db_schema,
+        name,
+        DbTimeouts.from_settings(settings),
+    )
     print(f"consumer {name!r}: " + ("cursor deleted" if found else "no such consumer"))
     return EXIT_OK
 
@@ -228,7 +289,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     settings = _settings(("database_url",))
     assert settings.database_url is not None
-    with connect(settings.database_url.get_secret_value(), autocommit=True) as conn:
+    with connect(
+        settings.database_url.get_secret_value(),
+        autocommit=True,
+        timeouts=DbTimeouts.from_settings(settings),
+    ) as conn:
         status = read_status(conn, settings.db_schema)
     if args.json:
         print(orjson.dumps(status.as_json(), option=orjson.OPT_INDENT_2).decode())
@@ -244,12 +309,17 @@ def cmd_views(_args: argparse.Namespace) -> int:
 
     settings = _settings(("database_url",))
     assert settings.database_url is not None
-    with connect(settings.database_url.get_secret_value(), autocommit=True) as conn:
+    with connect(
+        settings.database_url.get_secret_value(),
+        autocommit=True,
+        timeouts=DbTimeouts.from_settings(settings),
+    ) as conn:
         if not schema_exists(conn, settings.db_schema):
             raise SchemaMissing(
                 f"schema {settings.db_schema!r} has no worker tables: run `sequin-worker migrate`"
             )
-        migrate(conn, settings.db_schema)  # the views registry arrived in a later migration
+        # The views registry arrived in a later migration.
+        migrate(conn, settings.db_schema, DbTimeouts.from_settings(settings))
         # Every collection, by a skip scan of the primary key (cheap): this command is also
         # how views get made for rows stored while SEQUIN_AUTO_VIEWS was off.
         done = refresh_views(conn, settings.db_schema, all_collections(conn, settings.db_schema))

@@ -3,11 +3,17 @@
 Contract: at most one process holds a consumer's lock at a time; the holder is the leader
 and is the only one that applies batches. Others wait as hot standbys, retrying every
 ``retry_interval`` seconds. A leader that dies releases the lock with its connection (at
-once when the process exits; within about ``idle_session_timeout`` when it is partitioned
-away or frozen, because it stops pinging and the server ends its session).
+once when the process exits; within ``idle_session_timeout`` when it is partitioned away
+or frozen, because it stops pinging and the server ends its session: 1.5 times SEQUIN_DB_TIMEOUT,
+at least three standby retry intervals).
 
-Failure mode: when the lock connection fails, :attr:`Lease.lost` is set within
-``ping_interval`` seconds and the leader must stop writing at once. The window between
+Every call on the lock connection (try-lock, ping, unlock) is bounded by
+:attr:`DbTimeouts.round_trip` on our side too: a server that stops answering without closing
+the connection (a partition, a stuck proxy) is noticed as a lost connection.
+
+Failure mode: when the lock connection fails or stops answering, :attr:`Lease.lost` is set
+within ``ping_interval + round_trip`` seconds and the leader must stop writing at once. The
+window between
 the loss and the leader noticing is covered by the store's cursor fence (a batch commits
 only if the cursor is still where this process left it), so even then nothing is applied
 twice.
@@ -22,13 +28,10 @@ from collections.abc import Callable
 import psycopg
 import structlog
 
+from worker.pgconn import DbTimeouts, deadline
 from worker.store import Conn, StoreUnavailable, connect
 
 log = structlog.get_logger("worker.lease")
-
-# The server ends a lock session that has said nothing for this long, releasing the lock
-# of a leader that is partitioned away or frozen; the ping keeps a live one talking.
-IDLE_SESSION_TIMEOUT_MS = 15000
 
 
 class Lease:
@@ -41,15 +44,20 @@ class Lease:
         *,
         name: str,
         retry_interval: float = 3.0,
-        ping_interval: float = 2.0,
+        timeouts: DbTimeouts | None = None,
     ) -> None:
         self._dsn = dsn
         self.key = key
         self.name = name
         self.retry_interval = retry_interval
-        self.ping_interval = ping_interval
+        self.timeouts = timeouts or DbTimeouts.default()
+        self.ping_interval = self.timeouts.ping_interval
         self.lost = threading.Event()
         self._conn: Conn | None = None
+        # Held to close the connection and, by a deadline's timer, to sever it.
+        self._guard = threading.Lock()
+        # One call at a time on the connection (the watchdog's ping, release's unlock).
+        self._calls = threading.Lock()
         self._watchdog: threading.Thread | None = None
         self._released = threading.Event()
         self.is_leader = False
@@ -58,24 +66,25 @@ class Lease:
         # Server-side keepalives and an idle timeout make the server notice a dead leader.
         # The timeout outlasts a standby's pause between attempts, so standbys keep theirs.
         conn = connect(
-            self._dsn, autocommit=True, application_name=f"sequin-worker-lock:{self.name}"
+            self._dsn,
+            autocommit=True,
+            application_name=f"sequin-worker-lock:{self.name}",
+            timeouts=self.timeouts,
         )
-        idle_ms = max(IDLE_SESSION_TIMEOUT_MS, int(self.retry_interval * 3000))
+        idle_ms = int(max(self.timeouts.wait * 1.5, self.retry_interval * 3) * 1000)
         try:
-            conn.execute(
-                "SELECT set_config('idle_session_timeout', %s, false),"
-                " set_config('tcp_keepalives_idle', '5', false),"
-                " set_config('tcp_keepalives_interval', '2', false),"
-                " set_config('tcp_keepalives_count', '3', false)",
-                (str(idle_ms),),
-            )
+            with deadline(conn, self.timeouts.round_trip, self._guard):
+                conn.execute(
+                    "SELECT set_config('idle_session_timeout', %s, false)", (str(idle_ms),)
+                )
         except psycopg.OperationalError:
-            conn.close()
+            with self._guard:  # never while a deadline's timer may be severing it
+                conn.close()
             raise
         except psycopg.Error as exc:
             # Postgres before 14 has no idle_session_timeout: a dead leader's lock is then
             # released when the server's TCP keepalives give up.
-            log.warning("lock_session_settings_unavailable", reason=str(exc).splitlines()[0])
+            log.warning("lock_session_settings_unavailable", reason=_first_line(exc))
         return conn
 
     def try_acquire(self) -> bool:
@@ -83,10 +92,10 @@ class Lease:
         try:
             if self._conn is None or self._conn.closed:
                 self._conn = self._connect()
-            row = self._conn.execute("SELECT pg_try_advisory_lock(%s)", (self.key,)).fetchone()
+            row = self._call("SELECT pg_try_advisory_lock(%s)", (self.key,))
         except psycopg.OperationalError as exc:
             self._drop()
-            raise StoreUnavailable(str(exc).splitlines()[0] if str(exc) else "lost") from None
+            raise StoreUnavailable(_first_line(exc)) from None
         if not row or not row[0]:
             return False
         self.is_leader = True
@@ -126,39 +135,60 @@ class Lease:
             stop.wait(self.retry_interval)
         return False
 
+    def _call(self, query: str, params: tuple[object, ...] = ()) -> tuple[object, ...] | None:
+        """One statement on the lock connection, bounded by ``round_trip`` seconds (then
+        :class:`~worker.pgconn.DeadlineExceeded`, an :class:`psycopg.OperationalError`)."""
+        bound = self.timeouts.round_trip
+        if not self._calls.acquire(timeout=bound):
+            raise psycopg.OperationalError(f"lock connection busy for {bound:g} s")
+        try:
+            conn = self._conn
+            if conn is None or conn.closed:
+                raise psycopg.OperationalError("no connection")
+            with deadline(conn, bound, self._guard):
+                return conn.execute(query, params).fetchone()
+        finally:
+            self._calls.release()
+
     def _watch(self) -> None:
         while not self._released.wait(self.ping_interval):
-            conn = self._conn
             try:
-                if conn is None:
-                    raise psycopg.OperationalError("no connection")
-                conn.execute("SELECT 1")
+                self._call("SELECT 1")
             except psycopg.Error as exc:
                 if self._released.is_set():
                     return
-                log.error("leader_lost", consumer=self.name, reason=str(exc).splitlines()[0:1])
+                log.error("leader_lost", consumer=self.name, reason=_first_line(exc))
                 self.is_leader = False
                 self.lost.set()
                 self._drop()
                 return
 
     def release(self) -> None:
-        """Give up leadership (and the lock connection)."""
+        """Give up leadership (and the lock connection). Returns within about twice
+        ``round_trip`` seconds whatever the server does: a silent one has its connection
+        dropped (the server then ends the session, and the lock with it, by its
+        ``idle_session_timeout`` or keepalives)."""
         was_leader = self.is_leader
         self._released.set()
         if self._watchdog is not None:
-            self._watchdog.join(timeout=self.ping_interval + 5)
+            self._watchdog.join(timeout=self.timeouts.round_trip)
             self._watchdog = None
-        if self._conn is not None and not self._conn.closed and was_leader:
+        if was_leader:
             with contextlib.suppress(psycopg.Error):
-                self._conn.execute("SELECT pg_advisory_unlock(%s)", (self.key,))
+                self._call("SELECT pg_advisory_unlock(%s)", (self.key,))
         self._drop()
         self.is_leader = False
         if was_leader:
             log.info("leader_released", consumer=self.name)
 
     def _drop(self) -> None:
-        if self._conn is not None:
-            with contextlib.suppress(psycopg.Error):
-                self._conn.close()
-            self._conn = None
+        with self._guard:
+            if self._conn is not None:
+                with contextlib.suppress(psycopg.Error):
+                    self._conn.close()
+                self._conn = None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

@@ -13,6 +13,7 @@ import structlog
 
 from worker import sqlfiles
 from worker.locks import migration_lock_key
+from worker.pgconn import DbTimeouts
 
 log = structlog.get_logger("worker.migrations")
 
@@ -26,18 +27,32 @@ CREATE TABLE IF NOT EXISTS {schema}.schema_migrations (
 """
 
 
-def migrate(conn: psycopg.Connection[tuple[object, ...]], schema: str) -> list[int]:
+def migrate(
+    conn: psycopg.Connection[tuple[object, ...]],
+    schema: str,
+    timeouts: DbTimeouts | None = None,
+) -> list[int]:
     """Bring ``schema`` up to date. Returns the versions this call applied.
 
     ``conn`` must be in autocommit mode (the lock is session-level and each migration takes
     its own transaction). Raises :class:`psycopg.Error` if a migration fails; that migration
     is rolled back and the ones before it stay applied.
+
+    Bounded waits: another process's migrations are waited for at most
+    ``timeouts.statement`` seconds, and every DDL statement waits at most ``timeouts.wait``
+    for its table lock (a DDL queued behind a long query would block every reader and writer
+    of that table meanwhile). Either raises :class:`psycopg.errors.LockNotAvailable`: a
+    transient failure, retried by the caller.
     """
     if not conn.autocommit:
         raise ValueError("migrate() needs an autocommit connection")
+    t = timeouts or DbTimeouts.default()
     key = migration_lock_key(schema)
+    conn.execute("SELECT set_config('lock_timeout', %s, false)", (f"{int(t.statement * 1000)}",))
     conn.execute("SELECT pg_advisory_lock(%s)", (key,))
+    ddl_lock_timeout = f"{int(t.wait * 1000)}"
     try:
+        conn.execute("SELECT set_config('lock_timeout', %s, false)", (ddl_lock_timeout,))
         # CREATE SCHEMA IF NOT EXISTS can still race without the lock; we hold it.
         conn.execute(sqlfiles.render(_BOOTSTRAP, schema))
         applied = {

@@ -22,10 +22,16 @@ from worker.failures import FailureClass
 from worker.lease import Lease
 from worker.locks import consumer_lock_key
 from worker.metrics import Metrics
+from worker.pgconn import DbTimeouts
 from worker.store import ApplyResult, ConsumerConfig, PgStore, StoreFailure, connect
 from worker.sync import FailureHandler, LoopState, Mode, SyncLoop, Totals
 
 log = structlog.get_logger("worker.service")
+
+
+# After a stop (SIGTERM, lost leadership) the batch in flight has this long to finish by
+# itself; then it is cancelled (see PgStore.interrupt).
+STOP_GRACE = 1.0
 
 
 class ConsumerBusy(Exception):
@@ -134,9 +140,10 @@ class ViewKeeper:
     # views.LOCK_TIMEOUT_MS), then cancels whatever is still running.
     DRAIN_S = 15.0
 
-    def __init__(self, dsn: str, schema: str) -> None:
+    def __init__(self, dsn: str, schema: str, timeouts: DbTimeouts | None = None) -> None:
         self._dsn = dsn
         self._schema = schema
+        self._timeouts = timeouts
         self._cond = threading.Condition()
         self._pending: set[str] = set()  # collections seen in batches, to create views for
         self._all = False  # refresh every known view
@@ -218,7 +225,12 @@ class ViewKeeper:
         todo = retry | new  # until the registry says which of ``new`` already have a view
         redo_all = everything
         try:
-            with connect(self._dsn, autocommit=True, application_name="sequin-worker:views") as c:
+            with connect(
+                self._dsn,
+                autocommit=True,
+                application_name="sequin-worker:views",
+                timeouts=self._timeouts,
+            ) as c:
                 with self._cond:
                     self._conn = c
                 if self._known is None or everything:
@@ -272,11 +284,13 @@ def run_consumer(
     """
     assert settings.database_url is not None
     dsn = settings.database_url.get_secret_value()
+    timeouts = DbTimeouts.from_settings(settings)
     store = PgStore(
         dsn,
         settings.db_schema,
         consumer_config(settings),
         notify_channel=NOTIFY_CHANNEL if settings.notify else None,
+        timeouts=timeouts,
     )
     state = state or LoopState()
     metrics = metrics or Metrics(settings.consumer)
@@ -287,7 +301,7 @@ def run_consumer(
     metrics.batch_failing.set_function(
         lambda: 0.0 if (t := loop_state.failing_since) is None else time.monotonic() - t
     )
-    keeper = ViewKeeper(dsn, settings.db_schema) if settings.auto_views else None
+    keeper = ViewKeeper(dsn, settings.db_schema, timeouts) if settings.auto_views else None
 
     def on_batch(r: ApplyResult) -> None:
         assert metrics is not None
@@ -314,6 +328,7 @@ def run_consumer(
         consumer_lock_key(settings.db_schema, settings.consumer),
         name=settings.consumer,
         retry_interval=settings.lock_retry_interval,
+        timeouts=timeouts,
     )
     client_factory = make_client_factory(settings, stop, metrics, budget, on_wait=state.beat)
     totals = totals or Totals()
@@ -330,8 +345,11 @@ def run_consumer(
             metrics.set_leader(True)
             # The session ends when we are told to stop or when leadership is lost.
             session_stop = threading.Event()
+            loop_done = threading.Event()
             relay = threading.Thread(
-                target=_relay, args=(stop, lease.lost, session_stop), daemon=True
+                target=_relay,
+                args=(stop, lease.lost, session_stop, loop_done, store),
+                daemon=True,
             )
             relay.start()
             loop = SyncLoop(
@@ -353,6 +371,7 @@ def run_consumer(
             try:
                 done = loop.run()
             finally:
+                loop_done.set()
                 session_stop.set()
                 lease.release()
                 state.leader = False
@@ -366,13 +385,30 @@ def run_consumer(
         lease.release()
         store.close()
         if keeper is not None:
-            keeper.close()
+            if stop.is_set():
+                # Shutdown must stay short whatever the database does: queued view upkeep
+                # waits for the next run, and a refresh in flight is not waited for (its
+                # thread is a daemon; its transaction rolls back when the process exits).
+                threading.Thread(target=keeper.close, args=(0.0,), daemon=True).start()
+            else:
+                keeper.close()
 
 
-def _relay(stop: threading.Event, lost: threading.Event, session_stop: threading.Event) -> None:
+def _relay(
+    stop: threading.Event,
+    lost: threading.Event,
+    session_stop: threading.Event,
+    loop_done: threading.Event,
+    store: PgStore,
+) -> None:
     # Either event ends the session; polling keeps this free of extra machinery.
     while not session_stop.is_set():
         if stop.is_set() or lost.is_set():
             session_stop.set()
-            return
+            break
         session_stop.wait(0.1)
+    # The loop notices at its next step. A call that does not return (a batch waiting on a
+    # lock, a server gone silent) is cancelled after a short grace, so that stopping is
+    # bounded whatever the database is doing.
+    while not loop_done.wait(STOP_GRACE):
+        store.interrupt()

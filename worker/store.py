@@ -22,6 +22,7 @@ Failure modes:
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -37,6 +38,7 @@ from psycopg.types.json import set_json_dumps
 
 from worker import migrations, sqlfiles
 from worker.failures import FailureClass, classify
+from worker.pgconn import DbTimeouts, deadline, sever
 from worker.records import DeadLetter, ParsedPage, Record, dedup, versions_by_key
 
 log = structlog.get_logger("worker.store")
@@ -163,25 +165,59 @@ class ConsumerConfig:
         return {"sync_id": self.sync_id, "provider": self.provider, "collection": self.collection}
 
 
-def connect(dsn: str, *, autocommit: bool = False, application_name: str = "sequin-worker") -> Conn:
-    """Open a connection with TCP keepalives, so a partitioned server is noticed.
+def connect(
+    dsn: str,
+    *,
+    autocommit: bool = False,
+    application_name: str = "sequin-worker",
+    timeouts: DbTimeouts | None = None,
+    statement_timeout: bool = False,
+) -> Conn:
+    """Open a connection whose every wait is bounded (see :class:`DbTimeouts`): libpq's
+    connect timeout, keepalives and ``tcp_user_timeout`` on our side; keepalives,
+    ``tcp_user_timeout``, ``lock_timeout`` and ``idle_in_transaction_session_timeout`` on
+    the server's side, plus ``statement_timeout`` if ``statement_timeout`` is true. A
+    stricter value configured on the role or database is kept.
 
     Raises :class:`StoreUnavailable` (never with the DSN in the message: it may hold a
     password).
     """
+    t = timeouts or DbTimeouts.default()
     try:
-        return psycopg.connect(
+        conn = psycopg.connect(
             dsn,
             autocommit=autocommit,
             application_name=application_name[:63],
-            connect_timeout=10,
-            keepalives=1,
-            keepalives_idle=30,
-            keepalives_interval=10,
-            keepalives_count=3,
+            **t.client_params(),
         )
     except psycopg.OperationalError as exc:
         raise StoreUnavailable(_describe(exc)) from None
+    server = t.server_settings(statement=statement_timeout)
+    guard = threading.Lock()
+    try:
+        # Session settings (not startup options: those would replace any `options` in the
+        # DSN, and poolers refuse them). Ours are ceilings: a stricter value set on the role
+        # or database stays. One round trip, itself bounded.
+        with deadline(conn, t.wait, guard):
+            conn.execute(
+                "SELECT set_config(s.name, CASE WHEN p.setting::bigint > 0"
+                " AND p.setting::bigint < s.value::bigint THEN p.setting ELSE s.value END,"
+                " false) FROM unnest(%s::text[], %s::text[]) AS s(name, value)"
+                " LEFT JOIN pg_settings p ON p.name = s.name",
+                (list(server), list(server.values())),
+            )
+            if not autocommit:
+                conn.commit()
+    except psycopg.OperationalError as exc:
+        with guard:
+            conn.close()
+        raise StoreUnavailable(_describe(exc)) from None
+    except psycopg.Error as exc:
+        # A server too old for one of them (tcp_user_timeout: Postgres 12): keep the
+        # connection; the client-side bounds still hold.
+        log.warning("db_session_settings_unavailable", reason=_describe(exc))
+        conn.rollback()
+    return conn
 
 
 # Binary COPY: psycopg sends datetimes, UUIDs and booleans in Postgres' own binary forms
@@ -219,8 +255,14 @@ class PgStore:
         consumer: ConsumerConfig,
         *,
         notify_channel: str | None = None,
+        timeouts: DbTimeouts | None = None,
     ) -> None:
         self._dsn = dsn
+        self.timeouts = timeouts or DbTimeouts.default()
+        # Held to close the connection, and by another thread to sever it: never both.
+        self._guard = threading.Lock()
+        self._idle = threading.Event()
+        self._idle.set()
         self.notify_channel = notify_channel
         self.schema = schema
         self.consumer = consumer
@@ -249,21 +291,68 @@ class PgStore:
     def connect(self) -> None:
         """(Re)open the connection and prepare the per-session staging table."""
         self.close()
-        conn = connect(self._dsn, application_name=f"sequin-worker:{self.consumer.name}")
+        conn = connect(
+            self._dsn,
+            application_name=f"sequin-worker:{self.consumer.name}",
+            timeouts=self.timeouts,
+            statement_timeout=True,
+        )
+        self._conn = conn  # from here on, interrupt() can end a wait on it
         try:
-            with conn.transaction():
+            with self._busy(), conn.transaction():
                 conn.execute(self._q["create_stage"])
         except psycopg.Error as exc:
-            conn.close()
+            self.close()
             raise store_failure(exc) from None
-        self._conn = conn
 
     def close(self) -> None:
-        if self._conn is not None:
+        with self._guard:
+            if self._conn is not None:
+                try:
+                    self._conn.close()
+                finally:
+                    self._conn = None
+
+    @contextmanager
+    def _busy(self) -> Iterator[None]:
+        # Marks a call on the connection in flight, for interrupt().
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._idle.set()
+
+    def interrupt(self) -> bool:
+        """From another thread: end the call in flight on the connection, if any.
+
+        Asks the server to cancel the statement (the transaction then rolls back and the
+        call fails with :class:`psycopg.errors.QueryCanceled`); if the call has not ended
+        within :attr:`DbTimeouts.round_trip` seconds (a silent server), severs the
+        connection so that it fails at once. Returns within about twice that bound; True
+        if a call was in flight.
+        """
+        with self._guard:
+            conn = self._conn
+        if conn is None or self._idle.is_set():
+            return False
+        bound = self.timeouts.round_trip
+        log.info("db_call_cancelled", consumer=self.consumer.name)
+
+        def cancel() -> None:
             try:
-                self._conn.close()
-            finally:
-                self._conn = None
+                conn.cancel_safe(timeout=bound)
+            except psycopg.Error as exc:
+                log.warning("db_cancel_failed", reason=_describe(exc))
+
+        # The cancel request needs a connection of its own, which a silent server does not
+        # answer either: wait for the call to end, not for the cancel.
+        threading.Thread(target=cancel, name="db-cancel", daemon=True).start()
+        if not self._idle.wait(bound):
+            with self._guard:
+                if self._conn is conn:
+                    sever(conn)
+            self._idle.wait(bound)
+        return True
 
     @property
     def conn(self) -> Conn:
@@ -295,8 +384,11 @@ class PgStore:
 
     def migrate(self) -> list[int]:
         """Apply pending migrations (see :mod:`worker.migrations`) on a side connection."""
-        with self._translate(), connect(self._dsn, autocommit=True) as conn:
-            return migrations.migrate(conn, self.schema)
+        with (
+            self._translate(),
+            connect(self._dsn, autocommit=True, timeouts=self.timeouts) as conn,
+        ):
+            return migrations.migrate(conn, self.schema, self.timeouts)
 
     # -- consumer -------------------------------------------------------------------------
 
@@ -307,7 +399,7 @@ class PgStore:
         """
         c = self.consumer
         params = {"consumer": c.name, "delete_mode": c.delete_mode, **c.filters()}
-        with self._translate(), self.conn.transaction():
+        with self._busy(), self._translate(), self.conn.transaction():
             self.conn.execute(self._q["ensure_consumer"], params)
             row = self.conn.execute(self._q["get_consumer"], {"consumer": c.name}).fetchone()
             assert row is not None
@@ -389,7 +481,12 @@ class PgStore:
     ) -> None:
         conn = self.conn
         c = self.consumer
-        with self._translate(refusals=not isolate), conn.transaction(), conn.cursor() as cur:
+        with (
+            self._busy(),
+            self._translate(refusals=not isolate),
+            conn.transaction(),
+            conn.cursor() as cur,
+        ):
             cur.execute(
                 self._q["advance_cursor"],
                 {
@@ -517,8 +614,9 @@ NOTIFY_LIMIT = 7900  # Postgres refuses payloads of 8000 bytes or more
 
 def notify_payload(consumer: str, result: ApplyResult) -> str:
     """The JSON sent with NOTIFY after a commit: consumer, cursor, rows changed per
-    collection, dead letters. Kept under Postgres' payload limit (``changed`` is dropped and
-    ``truncated`` set when it would not fit)."""
+    collection, dead letters. Kept under Postgres' payload limit: when it would not fit,
+    ``truncated`` is set and ``changed`` dropped, then (a cursor that long) ``cursor`` too;
+    LISTENers read the cursor from the ``cursors`` table then."""
     doc: dict[str, object] = {
         "consumer": consumer,
         "cursor": result.cursor,
@@ -530,6 +628,9 @@ def notify_payload(consumer: str, result: ApplyResult) -> str:
         doc["changed"] = {}
         doc["truncated"] = True
         text = orjson.dumps(doc).decode()
+    if len(text.encode()) > NOTIFY_LIMIT:
+        doc["cursor"] = None
+        text = orjson.dumps(doc).decode()
     return text
 
 
@@ -539,20 +640,31 @@ def _fmt(filters: dict[str, str | None]) -> str:
 
 
 def ping(dsn: str, timeout: float = 2.0) -> bool:
-    """True if the database answers a query within about ``timeout`` seconds."""
+    """True if the database answers a query within about ``timeout`` seconds (connecting,
+    then the query, each bounded by it)."""
     try:
-        with psycopg.connect(dsn, autocommit=True, connect_timeout=max(1, int(timeout))) as conn:
+        with (
+            psycopg.connect(
+                dsn,
+                autocommit=True,
+                connect_timeout=max(2, int(timeout)),
+                tcp_user_timeout=int(timeout * 1000),
+            ) as conn,
+            deadline(conn, timeout, threading.Lock()),
+        ):
             conn.execute("SELECT 1")
         return True
     except psycopg.Error:
         return False
 
 
-def reset_consumer(dsn: str, schema: str, consumer: str) -> bool:
+def reset_consumer(
+    dsn: str, schema: str, consumer: str, timeouts: DbTimeouts | None = None
+) -> bool:
     """Delete a consumer's cursor row so that it starts over from the beginning.
 
     The rows it wrote stay; a fresh run rewrites each key with its latest version.
     """
-    with connect(dsn, autocommit=True) as conn:
+    with connect(dsn, autocommit=True, timeouts=timeouts) as conn:
         cur = conn.execute(sqlfiles.query("reset_consumer", schema), {"consumer": consumer})
         return cur.rowcount == 1
