@@ -577,7 +577,7 @@ def fetch_pages(sim: SimulatorProcess, n_pages: int) -> list[bytes]:
 
 def run_micro(dbs: Databases, sim: SimulatorProcess, n_pages: int) -> None:
     from worker import records as rec
-    from worker.store import Batch
+    from worker.model import Batch
 
     bodies = fetch_pages(sim, n_pages)
     docs = [orjson.loads(b) for b in bodies]

@@ -12,14 +12,9 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from worker.api import (
-    ApiUnavailable,
-    RequestRejected,
-    SequinClient,
-    TokenRejected,
-    parse_retry_after,
-)
+from worker.api import SequinClient, parse_retry_after
 from worker.codec import decode_item_exact, decode_page, record_spans
+from worker.errors import ApiUnavailable, RequestRejected, TokenRejected
 from worker.simulator import FaultConfig, Simulator
 
 TOKEN = "sk-test-7d1f0a9e"
@@ -141,7 +136,7 @@ def test_retry_budget_runs_out(sim: Simulator) -> None:
 
 
 def test_stop_interrupts_a_retry_wait(sim: Simulator) -> None:
-    from worker.api import Stopped
+    from worker.errors import Stopped
 
     sim.faults = FaultConfig(rate_5xx=1.0)
     stop = threading.Event()
@@ -282,7 +277,7 @@ def test_a_request_ends_at_its_deadline_whatever_the_server_does(
 
 
 def test_abort_ends_a_request_in_flight_and_every_later_one(sim: Simulator) -> None:
-    from worker.api import Stopped
+    from worker.errors import Stopped
 
     sim.faults = FaultConfig(rate_silent=1.0)
     c = client(sim, read_timeout=30, request_timeout=30)
@@ -311,7 +306,7 @@ def test_abort_ends_a_request_in_flight_and_every_later_one(sim: Simulator) -> N
 
 
 def test_a_retry_wait_beats_and_ends_on_abort(sim: Simulator) -> None:
-    from worker.api import Stopped
+    from worker.errors import Stopped
 
     sim.faults = FaultConfig(rate_5xx=1.0)
     beats: list[float] = []
@@ -327,7 +322,7 @@ def test_a_retry_wait_beats_and_ends_on_abort(sim: Simulator) -> None:
 @pytest.mark.parametrize("token", [TOKEN + "\n", "sk-a\rb", "sk-\u2019"])
 def test_a_request_that_cannot_be_sent_is_not_retried(sim: Simulator, token: str) -> None:
     """requests refuses such header values before sending; no retry can change that."""
-    from worker.api import InvalidRequest
+    from worker.errors import InvalidRequest
 
     c = client(sim, token=token)
     with capture_logs() as logs, pytest.raises(InvalidRequest) as err:

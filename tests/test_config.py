@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from worker.config import ConfigError, is_loopback_host, load_settings
+from worker.config import is_loopback_host, load_settings
+from worker.errors import ConfigError
 
 ALL_VARS = [
     line.split("=", 1)[0]

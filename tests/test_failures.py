@@ -25,13 +25,13 @@ from tests.helpers import TOKEN, assert_table_matches, run_cli, settings, worker
 from tests.test_bad_input import dead_letters, spec_record
 from tests.test_ops import metric, wait_for
 from tests.test_store import T, apply_pages, make_store, raw
+from worker.errors import StoreFailure
 from worker.failures import FAILURE_CLASSES, RetryBudget, classify, what_to_fix
 from worker.metrics import Metrics
 from worker.migrations import migrate
 from worker.ops import OpsServer
 from worker.service import run_consumer
 from worker.simulator import Simulator
-from worker.store import StoreFailure
 from worker.sync import LoopState
 
 # -- the classification (pure) --------------------------------------------------------------

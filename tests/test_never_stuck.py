@@ -35,10 +35,11 @@ from tests.test_crash import (
 from tests.test_store import make_store
 from worker.lease import Lease
 from worker.locks import consumer_lock_key
+from worker.model import ApplyResult, Batch
 from worker.pgconn import DbTimeouts
 from worker.records import parse_page
 from worker.simulator import FaultConfig, Simulator
-from worker.store import ApplyResult, Batch, notify_payload
+from worker.store import notify_payload
 
 pytestmark = pytest.mark.crash
 

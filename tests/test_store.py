@@ -10,15 +10,10 @@ import pytest
 
 from tests.conftest import SCHEMA, fetch_one, fetch_rows
 from worker import sqlfiles
+from worker.errors import ConsumerMismatch, CursorConflict, StoreFailure
+from worker.model import Batch, ConsumerConfig
 from worker.records import parse_page
-from worker.store import (
-    Batch,
-    ConsumerConfig,
-    ConsumerMismatch,
-    CursorConflict,
-    PgStore,
-    StoreFailure,
-)
+from worker.store import PgStore
 
 
 def raw(

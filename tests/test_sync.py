@@ -10,17 +10,19 @@ from typing import Any
 
 import pytest
 
-from worker.api import Page, TokenRejected
-from worker.records import dedup
-from worker.store import ApplyResult, Batch, CursorConflict, StoreFailure, StoreUnavailable
-from worker.sync import (
+from worker.api import Page
+from worker.errors import (
+    CursorConflict,
     DatabaseRefused,
     DatabaseUnavailable,
     ProtocolViolation,
-    SyncLoop,
-    next_step,
-    poll_delay,
+    StoreFailure,
+    StoreUnavailable,
+    TokenRejected,
 )
+from worker.model import ApplyResult, Batch
+from worker.records import dedup
+from worker.sync import SyncLoop, next_step, poll_delay
 
 
 def rec(i: int, key: str | None = None) -> dict[str, Any]:

@@ -54,45 +54,18 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from worker.codec import decode_page, raw_texts_once
 from worker.config import is_loopback_host
+from worker.errors import (
+    ApiUnavailable,
+    InvalidRequest,
+    RequestRejected,
+    Stopped,
+    TokenRejected,
+)
 
 log = structlog.get_logger("worker.api")
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 MAX_RETRY_AFTER = 900.0  # a server asking for more than 15 min is clamped (and logged)
-
-
-class ApiError(Exception):
-    """Base of the client's errors."""
-
-
-class TokenRejected(ApiError):
-    """401/403: the API does not accept the token."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(
-            f"the Sequin API rejected the token (HTTP {status}: {message}). Check SEQUIN_API_TOKEN."
-        )
-        self.status = status
-
-
-class RequestRejected(ApiError):
-    """A 4xx other than 401/403/429: the request itself is wrong."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(f"the Sequin API refused the request (HTTP {status}): {message}")
-        self.status = status
-
-
-class InvalidRequest(ApiError):
-    """The request cannot be sent as configured (no retry can help)."""
-
-
-class ApiUnavailable(ApiError):
-    """Transient failures outlasted the retry budget."""
-
-
-class Stopped(ApiError):
-    """The caller asked to stop while the client was waiting to retry."""
 
 
 class _Retryable(Exception):

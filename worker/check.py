@@ -16,9 +16,17 @@ from typing import TextIO
 import psycopg
 
 from worker import migrations, sqlfiles
-from worker.api import ApiError, RequestRejected, SequinClient, Stopped, TokenRejected
-from worker.config import ConfigError, Settings, load_settings
-from worker.store import StoreUnavailable, connect
+from worker.api import SequinClient
+from worker.config import Settings, load_settings
+from worker.errors import (
+    ApiError,
+    ConfigError,
+    RequestRejected,
+    Stopped,
+    StoreUnavailable,
+    TokenRejected,
+)
+from worker.store import connect
 
 OK, FAIL = "✓", "✗"
 

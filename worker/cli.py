@@ -37,21 +37,27 @@ import psycopg
 import structlog
 
 from worker import __version__, logs
-from worker.api import ApiUnavailable, InvalidRequest, RequestRejected, Stopped, TokenRejected
-from worker.config import ConfigError, Settings, load_settings
+from worker.config import Settings, load_settings
+from worker.errors import (
+    ApiUnavailable,
+    ConfigError,
+    ConsumerMismatch,
+    DatabaseRefused,
+    DatabaseUnavailable,
+    InvalidRequest,
+    ProtocolViolation,
+    RequestRejected,
+    SchemaMissing,
+    Stopped,
+    StoreFailure,
+    TokenRejected,
+)
 from worker.metrics import Metrics
 from worker.migrations import migrate
 from worker.ops import OpsServer
 from worker.pgconn import DbTimeouts
-from worker.status import Progress, SchemaMissing
-from worker.store import ConsumerMismatch, StoreFailure
-from worker.sync import (
-    DatabaseRefused,
-    DatabaseUnavailable,
-    LoopState,
-    ProtocolViolation,
-    Totals,
-)
+from worker.status import Progress
+from worker.sync import LoopState, Totals
 
 log = structlog.get_logger("worker.cli")
 
@@ -158,7 +164,8 @@ def summary_line(totals: Totals) -> str:
 
 
 def cmd_sync(args: argparse.Namespace, mode: str) -> int:
-    from worker.service import ConsumerBusy, run_consumer
+    from worker.errors import ConsumerBusy
+    from worker.service import run_consumer
 
     settings = _settings(("api_token", "database_url"))
     stop = threading.Event()

@@ -26,16 +26,10 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from worker.errors import ConfigError
+
 NOTIFY_CHANNEL = "sequin_worker"
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
-
-
-class ConfigError(Exception):
-    """The configuration is unusable. ``problems`` holds one line per variable."""
-
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("\n".join(problems))
-        self.problems = problems
 
 
 def is_loopback_host(host: str | None) -> bool:

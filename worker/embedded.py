@@ -12,9 +12,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
+from worker.errors import WorkerError
 
-class EmbeddedUnavailable(RuntimeError):
-    """The optional dependency is missing."""
+
+class EmbeddedUnavailable(WorkerError):
+    """The optional dependency is missing and no DATABASE_URL was given."""
+
+    exit_code = 2
 
 
 @contextmanager

@@ -29,9 +29,8 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Literal
 
-FailureClass = Literal["connection_lost", "transient", "resource", "permanent"]
+from worker.errors import FailureClass as FailureClass
 
 FAILURE_CLASSES: tuple[FailureClass, ...] = (
     "connection_lost",

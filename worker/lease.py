@@ -28,8 +28,9 @@ from collections.abc import Callable
 import psycopg
 import structlog
 
+from worker.errors import StoreUnavailable
 from worker.pgconn import DbTimeouts, deadline
-from worker.store import Conn, StoreUnavailable, connect
+from worker.store import Conn, connect
 
 log = structlog.get_logger("worker.lease")
 

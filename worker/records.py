@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -33,6 +33,8 @@ from uuid import UUID
 
 import msgspec
 import orjson
+
+from worker.model import DeadLetter, ParsedPage, Record
 
 REPLACEMENT = "\ufffd"
 # orjson refuses to serialise deeper than this; deeper data is dead-lettered, not guessed at.
@@ -42,66 +44,6 @@ _UUID = re.compile(r"^[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
 # In raw JSON: a NUL or a UTF-16 surrogate escape (paired or not; the slow path decides).
 _RAW_SUSPECT = re.compile(rb"\\u(?:0000|[dD][89a-fA-F])")
 _TS_SHAPE = re.compile(r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}")
-
-
-@dataclass(slots=True)
-class Record:
-    """A record that can be stored as a row. ``data_json`` is ``data`` serialised for jsonb."""
-
-    collection_id: str
-    upstream_id: str
-    sync_id: str | None  # canonical UUID text (Postgres casts it)
-    upstream_updated_at: datetime
-    created_at: datetime | None
-    deleted: bool
-    data_json: str | bytes | None  # JSON text; bytes when passed through from the wire
-    index: int = -1  # position in its page, to find its text from the wire again
-
-    @property
-    def key(self) -> tuple[str, str]:
-        return (self.collection_id, self.upstream_id)
-
-
-@dataclass(slots=True)
-class DeadLetter:
-    """A record kept verbatim because it could not be stored as received."""
-
-    raw: str
-    reason: str
-    after_cursor: str | None
-    collection_id: str | None = None
-    upstream_id: str | None = None
-
-
-@dataclass(slots=True)
-class ParsedPage:
-    """One API page after validation: rows to store and records to dead-letter."""
-
-    after_cursor: str | None
-    cursor: str
-    received: int
-    records: list[Record] = field(default_factory=list)
-    dead_letters: list[DeadLetter] = field(default_factory=list)
-    newest: datetime | None = None
-    raw_texts: Callable[[], Sequence[str] | None] | None = None
-
-    def raw_text(self, record: Record) -> str:
-        """The record's text as received; a lossless rebuild from its fields if the page's
-        text is not at hand."""
-        texts = self.raw_texts() if self.raw_texts is not None else None
-        if texts is not None and 0 <= record.index < len(texts) and len(texts) == self.received:
-            return texts[record.index]
-        fields = {
-            "collection_id": record.collection_id,
-            "upstream_id": record.upstream_id,
-            "sync_id": str(record.sync_id) if record.sync_id else None,
-            "upstream_updated_at": record.upstream_updated_at.isoformat(),
-            "created_at": record.created_at.isoformat() if record.created_at else None,
-            "deleted": record.deleted,
-        }
-        data = record.data_json
-        text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
-        return f'{json.dumps(fields)[:-1]}, "data": {text or "null"}}}'
 
 
 class InvalidRecord(ValueError):

@@ -18,12 +18,13 @@ import structlog
 from worker import views
 from worker.api import SequinClient
 from worker.config import NOTIFY_CHANNEL, Settings
-from worker.failures import FailureClass
+from worker.errors import ConsumerBusy, FailureClass, StoreFailure
 from worker.lease import Lease
 from worker.locks import consumer_lock_key
 from worker.metrics import Metrics
+from worker.model import ApplyResult, ConsumerConfig
 from worker.pgconn import DbTimeouts
-from worker.store import ApplyResult, ConsumerConfig, PgStore, StoreFailure, connect
+from worker.store import PgStore, connect
 from worker.sync import FailureHandler, LoopState, Mode, SyncLoop, Totals
 
 log = structlog.get_logger("worker.service")
@@ -32,10 +33,6 @@ log = structlog.get_logger("worker.service")
 # After a stop (SIGTERM, lost leadership) the batch in flight has this long to finish by
 # itself; then it is cancelled (see PgStore.interrupt).
 STOP_GRACE = 1.0
-
-
-class ConsumerBusy(Exception):
-    """Another process leads this consumer and the caller asked not to wait."""
 
 
 @dataclass

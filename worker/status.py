@@ -16,14 +16,11 @@ import structlog
 from psycopg.rows import dict_row
 
 from worker import sqlfiles
+from worker.errors import SchemaMissing
 from worker.locks import consumer_lock_key
 from worker.sync import LoopState, Totals
 
 log = structlog.get_logger("worker.status")
-
-
-class SchemaMissing(Exception):
-    """The configured schema has not been migrated in this database."""
 
 
 @dataclass

@@ -27,9 +27,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 import orjson
 import psycopg
@@ -37,37 +35,14 @@ import structlog
 from psycopg.types.json import set_json_dumps
 
 from worker import migrations, sqlfiles
-from worker.failures import FailureClass, classify
+from worker.errors import ConsumerMismatch, CursorConflict, StoreFailure, StoreUnavailable
+from worker.failures import classify
+from worker.model import ApplyResult, Batch, ConsumerConfig, DeadLetter, Record
 from worker.pgconn import DbTimeouts, deadline, sever
-from worker.records import DeadLetter, ParsedPage, Record, dedup, versions_by_key
 
 log = structlog.get_logger("worker.store")
 
 Conn = psycopg.Connection[tuple[Any, ...]]
-
-
-class StoreFailure(Exception):
-    """A database error, with its class (see :mod:`worker.failures`) and SQLSTATE."""
-
-    failure_class: FailureClass = "transient"
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        failure_class: FailureClass | None = None,
-        sqlstate: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        if failure_class is not None:
-            self.failure_class = failure_class
-        self.sqlstate = sqlstate
-
-
-class StoreUnavailable(StoreFailure):
-    """The database cannot be reached or the connection was lost."""
-
-    failure_class: FailureClass = "connection_lost"
 
 
 def store_failure(exc: psycopg.Error) -> StoreFailure:
@@ -80,89 +55,6 @@ def store_failure(exc: psycopg.Error) -> StoreFailure:
     if cls == "connection_lost":
         return StoreUnavailable(text, sqlstate=exc.sqlstate)
     return StoreFailure(text, failure_class=cls, sqlstate=exc.sqlstate)
-
-
-class CursorConflict(Exception):
-    """Another writer moved this consumer's cursor; the batch was not applied."""
-
-
-class ConsumerMismatch(Exception):
-    """The consumer exists with different filters."""
-
-
-@dataclass(slots=True)
-class Batch:
-    """Consecutive pages to apply together, fetched starting at ``after_cursor``."""
-
-    after_cursor: str | None
-    pages: list[ParsedPage]
-
-    @property
-    def cursor(self) -> str:
-        return self.pages[-1].cursor
-
-    @property
-    def received(self) -> int:
-        return sum(p.received for p in self.pages)
-
-    def rows(self) -> list[Record]:
-        """One version per key across all pages (see :func:`worker.records.dedup`)."""
-        return dedup(r for p in self.pages for r in p.records)
-
-    def versions(self) -> list[list[Record]]:
-        """Every version of each key, best first (see :func:`worker.records.versions_by_key`)."""
-        return versions_by_key(r for p in self.pages for r in p.records)
-
-    def dead_letters(self) -> list[DeadLetter]:
-        return [d for p in self.pages for d in p.dead_letters]
-
-    @property
-    def valid(self) -> int:
-        return sum(len(p.records) for p in self.pages)
-
-    @property
-    def newest(self) -> datetime | None:
-        stamps = [p.newest for p in self.pages if p.newest is not None]
-        return max(stamps) if stamps else None
-
-
-@dataclass(slots=True)
-class ApplyResult:
-    """What one committed batch did to the table."""
-
-    received: int = 0
-    upserted: int = 0
-    deleted: int = 0
-    skipped: int = 0
-    dead_lettered: int = 0
-    pages: int = 0
-    cursor: str | None = None
-    newest: datetime | None = None
-    seconds: float = 0.0
-    # Rows changed per (collection_id, deleted): what NOTIFY and the metrics report.
-    changed: dict[tuple[str, bool], int] = field(default_factory=dict)
-    dead_by_collection: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def by_collection(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for (collection, _), n in self.changed.items():
-            out[collection] = out.get(collection, 0) + n
-        return out
-
-
-@dataclass(frozen=True, slots=True)
-class ConsumerConfig:
-    """Who writes: the consumer name, its filters and delete mode."""
-
-    name: str
-    sync_id: str | None
-    provider: str | None
-    collection: str | None
-    delete_mode: Literal["soft", "hard"]
-
-    def filters(self) -> dict[str, str | None]:
-        return {"sync_id": self.sync_id, "provider": self.provider, "collection": self.collection}
 
 
 def connect(

@@ -44,11 +44,20 @@ from typing import Literal, Protocol
 
 import structlog
 
-from worker.api import Page, Stopped
-from worker.failures import Decision, FailureClass, RetryBudget, what_to_fix
+from worker.api import Page
+from worker.errors import (
+    CursorConflict,
+    DatabaseRefused,
+    DatabaseUnavailable,
+    FailureClass,
+    ProtocolViolation,
+    Stopped,
+    StoreFailure,
+)
+from worker.failures import Decision, RetryBudget, what_to_fix
 from worker.failures import backoff_delay as backoff_delay  # its home is worker.failures
-from worker.records import ParsedPage, parse_page
-from worker.store import ApplyResult, Batch, CursorConflict, StoreFailure
+from worker.model import ApplyResult, Batch, ParsedPage
+from worker.records import parse_page
 
 log = structlog.get_logger("worker.sync")
 
@@ -76,19 +85,6 @@ class Sink(Protocol):
     def apply(self, batch: Batch) -> ApplyResult: ...
 
     def close(self) -> None: ...
-
-
-class ProtocolViolation(Exception):
-    """The API answered in a way that would make the loop spin or skip data."""
-
-
-class DatabaseUnavailable(Exception):
-    """The database kept failing through the retry budget."""
-
-
-class DatabaseRefused(Exception):
-    """A permanent database failure (a privilege, a missing table): retrying cannot help.
-    The message says what to fix."""
 
 
 def next_step(page: Page) -> Literal["more", "caught_up"]:
