@@ -135,6 +135,10 @@ def decode_exact(
     fractions as :class:`~decimal.Decimal` (no rounding to a double, no ``inf``); the
     non-JSON literals ``NaN`` and ``Infinity`` are refused (``ValueError``), as is invalid
     UTF-8 (``UnicodeDecodeError``, a ``ValueError``)."""
+    if isinstance(text, bytes):
+        # Strictly: json.loads(bytes) would decode with "surrogatepass", letting an encoded
+        # lone surrogate (ED A0 80: not UTF-8) through as a repairable string.
+        text = text.decode("utf-8")
     return json.loads(
         text,
         parse_float=Decimal,
