@@ -258,7 +258,7 @@ class Databases:
         self.admin = admin_dsn
         self.can_create_db = True
 
-    def _exec(self, query: sql.Composable) -> None:
+    def _exec(self, query: sql.SQL | sql.Composed) -> None:
         with psycopg.connect(self.admin, autocommit=True) as conn:
             conn.execute(query)
 
@@ -294,16 +294,15 @@ class Databases:
     def server_info(self) -> dict[str, str]:
         names = ("server_version", "shared_buffers", "synchronous_commit", "max_wal_size")
         with psycopg.connect(self.admin, autocommit=True) as conn:
-            return {
-                n: str(conn.execute(sql.SQL("SHOW {}").format(sql.Identifier(n))).fetchone()[0])
-                for n in names
-            }  # type: ignore[index]
+            shown = {n: conn.execute(sql.SQL("SHOW {}").format(sql.Identifier(n))) for n in names}
+            return {n: str(row[0]) for n, cur in shown.items() if (row := cur.fetchone())}
 
 
 # --------------------------------------------------------------------------- contenders
 
 
-def _contender_env(sim: SimulatorProcess, dsn: str, schema: str, **extra: str) -> dict[str, str]:
+def contender_env(sim: SimulatorProcess, dsn: str, schema: str, **extra: str) -> dict[str, str]:
+    """The environment of a worker (or baseline) that reads ``sim`` and writes ``dsn``."""
     env = base_env()
     env.update(
         {
@@ -336,20 +335,32 @@ def spawn_worker(
     if prelude is not None:
         code = f"{prelude}\nimport sys\nfrom worker.cli import main\nsys.exit(main(['backfill']))"
         argv = [PYTHON, "-c", code]
-    return Running(name, argv, _contender_env(sim, dsn, schema, **extra))
+    return Running(name, argv, contender_env(sim, dsn, schema, **extra))
 
 
 def spawn_baseline(sim: SimulatorProcess, dsn: str, schema: str) -> Running:
     return Running(
-        "baseline", [PYTHON, str(BENCH / "baseline.py")], _contender_env(sim, dsn, schema)
+        "baseline", [PYTHON, str(BENCH / "baseline.py")], contender_env(sim, dsn, schema)
     )
 
 
 def spawn_drain(sim: SimulatorProcess) -> Running:
-    return Running("drain", [PYTHON, str(BENCH / "drain.py")], _contender_env(sim, "", ""))
+    return Running("drain", [PYTHON, str(BENCH / "drain.py")], contender_env(sim, "", ""))
 
 
 # --------------------------------------------------------------------------- machine
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def proc_cpu(pid: int) -> float | None:
+    """User + system CPU seconds of a local process (all its threads), from /proc; None once
+    it has exited (or on a system without /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def machine_info() -> dict[str, str]:
@@ -372,7 +383,28 @@ def machine_info() -> dict[str, str]:
     }
 
 
+@contextlib.contextmanager
+def workload(records: int) -> Iterator[tuple[Databases, SimulatorProcess]]:
+    """The profiling tools' workload: a database server and the simulator with ``records``
+    over ``records // 5`` keys, warmed by one drain; prints one line describing both."""
+    with database_server() as (admin, where), SimulatorProcess(records, records // 5) as sim:
+        dbs = Databases(admin)
+        info = dbs.server_info()
+        m = machine_info()
+        print(
+            f"machine: {m['nproc']} CPUs ({m['cpu']}); Python {m['python']}; Postgres "
+            f"{info['server_version']} ({where}); workload: {sim.describe()}"
+        )
+        spawn_drain(sim).result(300)  # warms the simulator's caches; not counted
+        yield dbs, sim
+
+
 # --------------------------------------------------------------------------- output
+
+
+def section(title: str) -> None:
+    """A section header of a tool's report."""
+    print(f"\n== {title}", flush=True)
 
 
 @dataclass
