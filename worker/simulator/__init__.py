@@ -1602,6 +1602,3 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(sig, handler)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
