@@ -105,6 +105,19 @@ class Reply(Protocol):
     def log(self, status: int | str, retry_after: float | None = None) -> None:
         """Record the request with ``status`` (an HTTP status or a fault's name)."""
 
+    def head(
+        self,
+        status: int,
+        length: int,
+        *,
+        content_type: str = "application/json",
+        extra: dict[str, str] | None = None,
+    ) -> bytes:
+        """The status line and headers of an answer with ``Content-Length: length``."""
+
+    def write(self, data: bytes) -> bool:
+        """Put raw bytes on the wire now; False if the client has gone away."""
+
     def send(
         self,
         status: int,
@@ -114,7 +127,7 @@ class Reply(Protocol):
         extra: dict[str, str] | None = None,
         cut: int | None = None,
     ) -> None:
-        """Send an answer with a full Content-Length but only ``body[:cut]``."""
+        """``write(head(...) + body[:cut])``: a full Content-Length, maybe less body."""
 
     def send_api_error(
         self, status: int, code: str, message: str, *, extra: dict[str, str] | None = None

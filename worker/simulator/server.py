@@ -237,6 +237,35 @@ class _Handler(BaseHTTPRequestHandler):
     ) -> None:
         self.send(status, _error_body(code, message), extra=extra)
 
+    def head(
+        self,
+        status: int,
+        length: int,
+        *,
+        content_type: str = "application/json",
+        extra: dict[str, str] | None = None,
+    ) -> bytes:
+        reason = self.responses.get(status, ("",))[0]
+        lines = [
+            f"HTTP/1.1 {status} {reason}",
+            f"Server: {self.server_version}",
+            f"Date: {email.utils.formatdate(usegmt=True)}",
+            f"Content-Type: {content_type}",
+            f"Content-Length: {length}",
+        ]
+        lines.extend(f"{name}: {value}" for name, value in (extra or {}).items())
+        if self.close_connection:
+            lines.append("Connection: close")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+    def write(self, data: bytes) -> bool:
+        try:
+            self.wfile.write(data)  # unbuffered: on the wire when this returns
+        except OSError:
+            self.close_connection = True  # the client went away; nothing to tell it
+            return False
+        return True
+
     def send(
         self,
         status: int,
@@ -246,19 +275,5 @@ class _Handler(BaseHTTPRequestHandler):
         extra: dict[str, str] | None = None,
         cut: int | None = None,
     ) -> None:
-        reason = self.responses.get(status, ("",))[0]
-        lines = [
-            f"HTTP/1.1 {status} {reason}",
-            f"Server: {self.server_version}",
-            f"Date: {email.utils.formatdate(usegmt=True)}",
-            f"Content-Type: {content_type}",
-            f"Content-Length: {len(body)}",
-        ]
-        lines.extend(f"{name}: {value}" for name, value in (extra or {}).items())
-        if self.close_connection:
-            lines.append("Connection: close")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        try:
-            self.wfile.write(head + (body if cut is None else body[:cut]))
-        except OSError:
-            self.close_connection = True  # the client went away; nothing to tell it
+        head = self.head(status, len(body), content_type=content_type, extra=extra)
+        self.write(head + (body if cut is None else body[:cut]))
