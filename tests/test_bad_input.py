@@ -517,7 +517,8 @@ def test_a_page_of_valid_json_in_the_wrong_shape_is_retried_then_applied(
     with ScriptedAPI(answer) as api, capture_logs() as logs:
         outcome = backfill(sim, db, SEQUIN_BASE_URL=api.base_url, SEQUIN_PAGE_SIZE=10)
 
-    assert [r.get("after_cursor") for r in api.requests] == [None, None]
+    # The same position again, then (a short page is not the end) the empty page after c1.
+    assert [r.get("after_cursor") for r in api.requests] == [None, None, "c1"]
     retries = [e for e in logs if e["event"] == "api_retry"]
     assert len(retries) == 1 and "bad body" in retries[0]["reason"]
     assert outcome.totals.received == 2
@@ -632,3 +633,130 @@ def test_deeply_nested_data_does_not_block_the_stream(sim: Simulator, db: str, d
     stored = _squeeze(rows.get("deep") or "") == _squeeze(f'{{"d": {nested}}}')
     assert stored or [_squeeze(r) for r in raws] == [_squeeze(deep)]
     assert cursor_row(db)["cursor"] == "d1"
+
+
+# --------------------------------------------------------------------------- every item alone
+
+# Numbers a double cannot hold (more significant digits than 17, or below its smallest), none
+# with a run of 16 digits (which used to send a whole page to the exact decoder).
+EXACT_NUMBERS = ["12345678.12345678901", "1.5e-400", "-1234567.1234567890123", "4.9e-325"]
+
+
+@pytest.mark.parametrize("companion", [b"null", b'"a string item"', b"[1]"])
+def test_numbers_are_exact_whatever_else_the_page_holds(
+    sim: Simulator, db: str, companion: bytes
+) -> None:
+    """One non-object item on a page must not change how the other records' numbers are read:
+    each valid record's ``data`` reaches jsonb equal to the text sent (compared by Postgres),
+    and the odd item is dead-lettered with its text."""
+    sent: dict[str, str] = {}
+    for i, number in enumerate(EXACT_NUMBERS):
+        data = f'{{"n": {number}, "list": [{number}, 1.0], "i": {i}}}'
+        sent[f"exact-{i}"] = data
+        fragment = json.dumps(spec_record(f"exact-{i}", 1 + i, data={"x": 0}))
+        sim.append_raw(fragment.replace('{"x": 0}', data), sort_ts=at(1 + i))
+    sim.append_raw(companion, sort_ts=at(2))  # on the same page as the numbers
+
+    proc = run_cli(["backfill"], worker_env(sim, db, SEQUIN_MAX_RETRIES="1"), timeout=60)
+
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with psycopg.connect(db) as conn:
+        for uid, data in sent.items():
+            row = conn.execute(
+                "SELECT data = %s::jsonb, data::text FROM sequin.records WHERE upstream_id = %s",
+                (data, uid),
+            ).fetchone()
+            assert row is not None and row[0], (uid, data, row)
+    assert [d["raw"] for d in dead_letters(db)] == [companion.decode()]
+    assert_cursor_at_the_end(sim, db, rows=sim.record_count() + len(sent))
+
+
+def test_no_item_can_stop_the_stream(sim: Simulator, db: str) -> None:
+    """NaN, Infinity, invalid UTF-8 (in a key field and in data), a raw NUL byte and items that
+    are not objects, between good records: the installed command applies the good records,
+    dead-letters each bad item with its bytes (escaped where not UTF-8), and ends 0 at the end
+    of the stream, with no retry."""
+    from worker.simulator import HOSTILE_ITEMS
+
+    sim.append([sim.make_record("stripe:customer", "before", at(1), {"v": 1})])
+    sent = sim.append_hostile(sort_ts=at(2))
+    sim.append([sim.make_record("hubspot:deal", "after", at(3), {"v": 3})])
+
+    env = worker_env(sim, db, SEQUIN_MAX_RETRIES="1", SEQUIN_PAGE_SIZE=str(PAGE))
+    proc = run_cli(["backfill"], env, timeout=60)
+
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "api_retry" not in proc.stdout + proc.stderr
+    assert_table_matches(db, sim.expected_state())
+    dead = dead_letters(db)
+    assert len(dead) == len(HOSTILE_ITEMS)
+    for d, item in zip(dead, sent, strict=True):
+        escaped = item.decode("utf-8", "backslashreplace").replace("\x00", "\\x00")
+        assert d["raw"] == escaped, (d["raw"], item)
+        assert d["after_cursor"] is not None
+    by_item = dict(zip(HOSTILE_ITEMS, dead, strict=True))
+    assert "NaN is not valid JSON" in by_item["nan"]["reason"]
+    assert "Infinity is not valid JSON" in by_item["infinity"]["reason"]
+    assert "not valid UTF-8" in by_item["invalid-utf8-key"]["reason"]
+    assert "not valid UTF-8" in by_item["invalid-utf8-data"]["reason"]
+    assert "not valid JSON" in by_item["nul-byte"]["reason"]
+    assert "record must be an object, got null" in by_item["null"]["reason"]
+    assert by_item["number"]["raw"] == "12345678.12345678901"
+    assert_cursor_at_the_end(sim, db, rows=sim.record_count())
+    assert cursor_row(db)["dead_letters"] == len(HOSTILE_ITEMS)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"records": [GOOD], "records": [BAD], "cursor": "c1"}',
+        b'{"records": [BAD], "rec\\u006frds": [GOOD], "cursor": "c1"}',
+        b'{"records": [GOOD], "cursor": "c0", "cursor": "c1"}',
+    ],
+    ids=["two-records-keys", "records-spelled-twice", "two-cursor-keys"],
+)
+def test_a_body_with_two_records_or_cursor_keys_is_refused_as_ambiguous(
+    sim: Simulator, db: str, body: bytes
+) -> None:
+    """Which of two ``records`` arrays (or cursors) is meant cannot be known; "last key wins"
+    would drop the other array's records without a trace. The body is a bad body: retried, and
+    nothing of it applied or dead-lettered; the good answer that follows is applied once."""
+    good, bad = json.dumps(GOOD[0]).encode(), b'{"upstream_id": "ambiguous-bad"}'
+    first = body.replace(b"GOOD", good).replace(b"BAD", bad)
+
+    def answer(after: str | None, n: int) -> tuple[int, bytes]:
+        if n == 0:
+            return 200, first
+        return 200, page_body([] if after == "c1" else GOOD, "c1")
+
+    with ScriptedAPI(answer) as api, capture_logs() as logs:
+        backfill(sim, db, SEQUIN_BASE_URL=api.base_url, SEQUIN_PAGE_SIZE=10)
+
+    retries = [e["reason"] for e in logs if e["event"] == "api_retry"]
+    assert len(retries) == 1 and "ambiguous" in retries[0], retries
+    assert [r.get("after_cursor") for r in api.requests] == [None, None]
+    assert dead_letters(db) == []
+    row = cursor_row(db)
+    assert row["cursor"] == "c1" and row["records_applied"] == 2
+
+
+def test_invalid_utf8_inside_data_on_an_otherwise_clean_page_is_dead_lettered(
+    sim: Simulator, db: str
+) -> None:
+    """The fast path passes ``data`` through undecoded, so Postgres is the one to find its
+    invalid UTF-8: the batch is applied again row by row and only that record is
+    dead-lettered, with its bytes escaped."""
+    from worker.simulator import HOSTILE_ITEMS
+
+    sim.append([sim.make_record("stripe:customer", "before", at(1), {"v": 1})])
+    (item,) = sim.append_hostile(["invalid-utf8-data"], sort_ts=at(2))
+    sim.append([sim.make_record("hubspot:deal", "after", at(3), {"v": 3})])
+
+    backfill(sim, db)
+
+    assert_table_matches(db, sim.expected_state())
+    dead = dead_letters(db)
+    assert [d["raw"] for d in dead] == [item.decode("utf-8", "backslashreplace")]
+    assert item == HOSTILE_ITEMS["invalid-utf8-data"]
+    assert dead[0]["upstream_id"] == "hostile-utf8-data"
+    assert_cursor_at_the_end(sim, db, rows=sim.record_count())

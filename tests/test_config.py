@@ -131,3 +131,47 @@ def test_cli_exits_2_with_one_line_per_variable_and_no_traceback(tmp_path: Path)
     assert "sequin-worker: config: DATABASE_URL: required but not set" in lines
     assert len(lines) == 2
     assert "tok-secret-123" not in proc.stderr + proc.stdout
+
+
+def test_token_whitespace_is_stripped(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A Kubernetes secret made from a file keeps the file's final newline.
+    monkeypatch.setenv("SEQUIN_API_TOKEN", "  sk-live-abc123\n")
+    s = load_settings(require=("api_token",))
+    assert s.api_token is not None and s.api_token.get_secret_value() == "sk-live-abc123"
+
+
+@pytest.mark.parametrize("value", ["sk-live\nabc123", "sk-live\x01abc123", "sk-live\u2019abc123"])
+def test_a_token_with_a_control_or_non_ascii_character_is_refused_unquoted(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("SEQUIN_API_TOKEN", value)
+    with pytest.raises(ConfigError) as err:
+        load_settings(require=("api_token",))
+    assert [line.split(":")[0] for line in err.value.problems] == ["SEQUIN_API_TOKEN"]
+    assert "abc123" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"SEQUIN_REQUEST_TIMEOUT": "30"}, "SEQUIN_READ_TIMEOUT"),  # read 60 > request 30
+        ({"SEQUIN_REQUEST_TIMEOUT": "5", "SEQUIN_READ_TIMEOUT": "5"}, "SEQUIN_CONNECT_TIMEOUT"),
+        ({"SEQUIN_HEARTBEAT_TIMEOUT": "60"}, "SEQUIN_HEARTBEAT_TIMEOUT"),  # = request 60
+        ({"SEQUIN_REQUEST_TIMEOUT": "0"}, "SEQUIN_REQUEST_TIMEOUT"),
+    ],
+)
+def test_http_timeouts_must_nest(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], named: str
+) -> None:
+    """Per-read timeouts fit in the request deadline, which fits in the heartbeat timeout."""
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    assert len(err.value.problems) == 1 and err.value.problems[0].startswith(named)
+
+
+def test_request_timeout_default() -> None:
+    s = load_settings()
+    assert (s.connect_timeout, s.read_timeout, s.request_timeout) == (10.0, 60.0, 60.0)
+    assert s.heartbeat_timeout > s.request_timeout

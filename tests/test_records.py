@@ -20,6 +20,7 @@ from worker.records import (
     provider_of,
     sanitise,
     validate,
+    versions_by_key,
 )
 
 
@@ -212,6 +213,18 @@ def test_dedup_delete_then_recreate() -> None:
     assert not out[0].deleted
 
 
+@given(st.lists(st.tuples(st.sampled_from("abc"), st.integers(0, 3)), max_size=12))
+def test_versions_by_key_orders_each_key_as_dedup_chooses(plan: list[tuple[str, int]]) -> None:
+    records = [_r(uid, f"2024-01-01T00:00:0{sec}Z", n) for n, (uid, sec) in enumerate(plan)]
+    versions = versions_by_key(records)
+    assert [v[0] for v in versions] == dedup(records)  # the first is dedup's winner
+    assert sorted(id(r) for v in versions for r in v) == sorted(id(r) for r in records)
+    for v in versions:
+        # Best first: newer timestamp, then later in the stream.
+        ranks = [(r.upstream_updated_at, records.index(r)) for r in v]
+        assert ranks == sorted(ranks, reverse=True)
+
+
 def test_provider_of() -> None:
     assert provider_of("stripe:subscription") == "stripe"
     assert provider_of("nocolon") == "nocolon"
@@ -239,7 +252,7 @@ def test_dumps_verbatim_round_trips(value: Any) -> None:
 
 
 def test_raw_data_from_the_wire_passes_through_untouched() -> None:
-    from worker.api import decode_page
+    from worker.codec import decode_page
     from worker.records import RawJSON
 
     body = (

@@ -31,7 +31,14 @@ import orjson
 import pytest
 import requests
 
-from worker.simulator import FaultConfig, RequestLogEntry, Simulator, format_ts, parse_ts
+from worker.simulator import (
+    HOSTILE_ITEMS,
+    FaultConfig,
+    RequestLogEntry,
+    Simulator,
+    format_ts,
+    parse_ts,
+)
 
 TOKEN = "dev-token"
 FIELDS = [
@@ -482,6 +489,25 @@ def test_append_raw_invalid_utf8(session: requests.Session) -> None:
             response.content.decode("utf-8")
 
 
+# -- hostile items
+
+
+def test_append_hostile_emits_each_item_verbatim_in_one_page(session: requests.Session) -> None:
+    with Simulator(records=3, seed=5) as sim:
+        sent = sim.append_hostile()
+        assert sent == list(HOSTILE_ITEMS.values())
+        body = get(session, sim, limit=500).content
+        # In order, each exactly as listed, separated only by the array's commas.
+        assert b",".join(sent) + b"]" in body
+        assert sim.record_count(include_raw=True) == 3 + len(HOSTILE_ITEMS)
+        assert sim.append_hostile(["null", "nan"]) == [HOSTILE_ITEMS["null"], HOSTILE_ITEMS["nan"]]
+        with pytest.raises(ValueError, match="unknown hostile items"):
+            sim.append_hostile(["no-such-kind"])
+
+
+# -- end hostile items
+
+
 # --------------------------------------------------------------------------- expected state
 
 
@@ -808,6 +834,92 @@ def test_cli_rejects_bad_options() -> None:
     )
     assert result.returncode == 2
     assert "--fault-5xx" in result.stderr
+
+
+# --------------------------------------------------------------------------- stalls and paging
+
+
+def test_stall_and_paging_fault_validation() -> None:
+    with pytest.raises(ValueError, match="rate_trickle"):
+        FaultConfig(rate_trickle=2.0)
+    with pytest.raises(ValueError, match="rate_short_page"):
+        FaultConfig(rate_short_page=0.6, rate_cycle=0.6)
+    with pytest.raises(ValueError, match="trickle_bytes"):
+        FaultConfig(trickle_bytes=0)
+
+
+@pytest.mark.parametrize("before_headers", [False, True])
+def test_fault_silent_holds_the_answer(session: requests.Session, before_headers: bool) -> None:
+    faults = FaultConfig(rate_silent=1.0, silent_before_headers=before_headers)
+    with Simulator(records=10, faults=faults) as sim:
+        started = time.monotonic()
+        with pytest.raises((requests.ConnectionError, requests.Timeout)):
+            session.get(sim.records_url, timeout=(5, 0.5)).content  # noqa: B018
+        assert 0.5 <= time.monotonic() - started < 5
+        assert [e.status for e in sim.request_log] == ["silent"]
+
+
+def test_fault_trickle_sends_the_whole_body_slowly(session: requests.Session) -> None:
+    faults = FaultConfig(rate_trickle=1.0, trickle_bytes=400, trickle_interval=0.02)
+    with Simulator(records=5, faults=faults) as sim:
+        expected = sim.page(None, 5)
+        started = time.monotonic()
+        response = get(session, sim, limit=5)
+        assert response.content == expected
+        assert time.monotonic() - started >= 0.02 * (len(expected) // 400)
+        assert [e.status for e in sim.request_log] == ["trickle"]
+
+
+def test_fault_short_page_cuts_full_pages_and_loses_nothing(session: requests.Session) -> None:
+    with Simulator(records=300, seed=4, faults=FaultConfig(rate_short_page=1.0)) as sim:
+        records, cursor = [], None
+        while True:
+            body = page(session, sim, limit=50, **({"after_cursor": cursor} if cursor else {}))
+            if not body["records"]:
+                break
+            assert len(body["records"]) < 50
+            records += body["records"]
+            cursor = body["cursor"]
+        assert len(records) == 300
+        assert sim.request_log[0].status == "short_page"
+
+
+@pytest.mark.parametrize("fault", ["cycle", "rewind"])
+def test_fault_cycle_and_rewind_go_back(session: requests.Session, fault: str) -> None:
+    faults = FaultConfig(**{f"rate_{fault}": 1.0})  # type: ignore[arg-type]
+    with Simulator(records=300, seed=4, faults=faults) as sim:
+        p1 = page(session, sim, limit=50)
+        p2 = page(session, sim, limit=50, after_cursor=p1["cursor"])  # nothing earlier yet
+        p3 = page(session, sim, limit=50, after_cursor=p2["cursor"])
+        clean = json.loads(sim.page(p2["cursor"], 50))
+        if fault == "cycle":
+            assert p3["records"] == clean["records"] and p3["cursor"] == p1["cursor"]
+        else:
+            assert p3["records"] == p2["records"][:49]
+            assert p3["cursor"] not in (p1["cursor"], p2["cursor"], clean["cursor"])
+        assert [e.status for e in sim.request_log] == [200, 200, fault]
+
+
+def test_cli_stall_and_paging_flags() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "worker.simulator", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
+    for flag in (
+        "--fault-silent",
+        "--silent-before-headers",
+        "--fault-trickle",
+        "--trickle-bytes",
+        "--trickle-interval",
+        "--fault-short-page",
+        "--fault-cycle",
+        "--fault-rewind",
+    ):
+        assert flag in result.stdout
 
 
 def test_simulator_imports_nothing_of_the_worker() -> None:

@@ -11,7 +11,14 @@ import pytest
 from tests.conftest import SCHEMA, fetch_one, fetch_rows
 from worker import sqlfiles
 from worker.records import parse_page
-from worker.store import Batch, ConsumerConfig, ConsumerMismatch, CursorConflict, PgStore
+from worker.store import (
+    Batch,
+    ConsumerConfig,
+    ConsumerMismatch,
+    CursorConflict,
+    PgStore,
+    StoreFailure,
+)
 
 
 def raw(
@@ -100,8 +107,9 @@ def test_failure_inside_the_transaction_leaves_neither_rows_nor_cursor(
     store._q["insert_dead_letter"] = sqlfiles.render(
         "INSERT INTO {schema}.no_such_table VALUES (%(raw)s)", SCHEMA
     )
-    with pytest.raises(psycopg.errors.UndefinedTable):
+    with pytest.raises(StoreFailure) as caught:
         apply_pages(store, [raw("a", T(2), 2), raw("b", T(2), 2), "not a record"])
+    assert (caught.value.failure_class, caught.value.sqlstate) == ("permanent", "42P01")
     assert data_n(db) == {"a": (1, False)}
     assert cursor_row(db)[0] == "c.0"
     assert fetch_one(db, "SELECT count(*) FROM sequin.dead_letters") == (0,)

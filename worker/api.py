@@ -5,13 +5,26 @@
 * :class:`TokenRejected`: 401/403. Retrying cannot help; the operator must fix the token.
 * :class:`RequestRejected`: any other 4xx (e.g. a cursor the API does not accept), with the
   server's own message.
+* :class:`InvalidRequest`: the request cannot even be sent (e.g. a header value with a line
+  break, an invalid URL). No retry can fix it.
 * :class:`ApiUnavailable`: the retry budget (``max_retries`` consecutive failures) ran out on
   transient failures. ``max_retries=None`` retries for ever (the ``run`` service).
+* :class:`Stopped`: :meth:`SequinClient.abort` was called, or the ``stop`` event set.
+
+Every request has a total deadline, ``request_timeout`` seconds from its start to its last
+body byte, whatever the server does (trickling a byte at a time, sending headers and then
+nothing): a watchdog shuts the socket down when it passes, and the attempt counts as a
+``timeout`` failure. ``connect_timeout`` and ``read_timeout`` still bound each single wait on
+the socket inside it (a server silent for ``read_timeout`` fails sooner).
 
 Transient failures are retried with exponential backoff and full jitter: connection errors,
-timeouts, 429 (waiting at least ``Retry-After``), 500/502/503/504, and bodies that are not
-JSON or not the documented ``{"records": [...], "cursor": "..."}`` shape. Each retry is
+timeouts, 429 (waiting at least ``Retry-After``), 500/502/503/504, and bodies whose envelope
+cannot be read as the documented ``{"records": [...], "cursor": "..."}`` (see
+:mod:`worker.codec`: a bad *item* does not make the body bad; it is dead-lettered). Each retry is
 logged as ``api_retry`` with its reason.
+
+A retry wait is a deliberate wait: it calls ``on_wait`` about every 0.1 s (the loop's
+heartbeat), and it ends at once on ``stop`` or :meth:`SequinClient.abort`.
 
 The token is sent only in the ``Authorization`` header, never logged, never part of an
 exception message, and never sent over plain ``http://`` to a non-loopback host. Redirects
@@ -20,26 +33,27 @@ are not followed (they could carry the header elsewhere).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
-import re
+import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
-import msgspec
-import orjson
 import requests
 import structlog
 import tenacity
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
+from worker.codec import decode_page, raw_texts_once
 from worker.config import is_loopback_host
-from worker.records import Undecodable, WirePage, decode_exact, wire_to_dict
 
 log = structlog.get_logger("worker.api")
 
@@ -69,6 +83,10 @@ class RequestRejected(ApiError):
         self.status = status
 
 
+class InvalidRequest(ApiError):
+    """The request cannot be sent as configured (no retry can help)."""
+
+
 class ApiUnavailable(ApiError):
     """Transient failures outlasted the retry budget."""
 
@@ -84,6 +102,140 @@ class _Retryable(Exception):
         self.retry_after = retry_after
 
 
+# Failures a retry may cure: the network, the server, a body cut short or garbled on the way.
+_TRANSIENT = (
+    requests.Timeout,
+    requests.ConnectionError,
+    requests.exceptions.ChunkedEncodingError,
+    requests.exceptions.ContentDecodingError,
+)
+_HINTS = {
+    "InvalidHeader": "a header value has a line break or surrounding whitespace: check "
+    "SEQUIN_API_TOKEN",
+    "UnicodeEncodeError": "a header value is not plain text: check SEQUIN_API_TOKEN",
+    "InvalidURL": "check SEQUIN_BASE_URL",
+    "MissingSchema": "check SEQUIN_BASE_URL",
+    "InvalidSchema": "check SEQUIN_BASE_URL",
+}
+
+
+class _RequestGuard:
+    """Ends the request in flight when its deadline passes, or when :meth:`abort` is called
+    from another thread.
+
+    Blocking socket calls cannot be interrupted from Python, so the guard keeps the sockets
+    the current request uses (see :class:`_GuardedConnection`) and shuts them down: the
+    blocked read then fails at once. It keeps the sockets, not the connections: a response
+    with ``Connection: close`` takes the socket away from its connection. The watchdog is a
+    timer thread per request, cancelled and joined when the request ends, so none outlives
+    it.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._socks: list[socket.socket] = []
+        self._fired: str | None = None  # "deadline" or "aborted", for the current request
+        self._timer: threading.Timer | None = None
+        self.aborted = threading.Event()
+
+    def start(self, seconds: float) -> None:
+        with self._lock:
+            self._socks = []
+            self._fired = "aborted" if self.aborted.is_set() else None
+        timer = threading.Timer(seconds, self._fire, args=("deadline",))
+        timer.name = "sequin-request-deadline"
+        timer.daemon = True
+        self._timer = timer
+        timer.start()
+
+    def finish(self) -> str | None:
+        """End the current request's watch; returns why it fired, if it did."""
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
+            timer.join()
+        with self._lock:
+            self._socks = []
+            return self._fired
+
+    def attach(self, conn: HTTPConnection) -> None:
+        sock = getattr(conn, "sock", None)  # None until connected
+        if sock is None:
+            return
+        with self._lock:
+            if sock not in self._socks:
+                self._socks.append(sock)
+            if self._fired is not None:
+                _shutdown(sock)
+
+    def abort(self) -> None:
+        self.aborted.set()
+        self._fire("aborted")
+
+    def _fire(self, reason: str) -> None:
+        with self._lock:
+            if self._fired is None:
+                self._fired = reason
+            for sock in self._socks:
+                _shutdown(sock)
+
+
+def _shutdown(sock: socket.socket) -> None:
+    # socket.socket's own shutdown, also for a TLS socket: it wakes a blocked read (a
+    # close would not), even after the connection let go of the socket.
+    with contextlib.suppress(OSError):
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+# The guard of the request the current thread is making (a client is used by one thread at
+# a time, and urllib3 gives a connection no other way to find it).
+_current = threading.local()
+
+
+def _attach_current(conn: HTTPConnection) -> None:
+    guard: _RequestGuard | None = getattr(_current, "guard", None)
+    if guard is not None:
+        guard.attach(conn)
+
+
+class _GuardedConnection(HTTPConnection):
+    """Registers itself with the current request's guard when it connects or sends."""
+
+    def connect(self) -> None:
+        _attach_current(self)
+        super().connect()
+        _attach_current(self)  # a deadline passed while connecting ends the request here
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        _attach_current(self)
+        super().request(*args, **kwargs)
+
+
+class _GuardedHTTPSConnection(HTTPSConnection):
+    def connect(self) -> None:
+        _attach_current(self)
+        super().connect()
+        _attach_current(self)
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        _attach_current(self)
+        super().request(*args, **kwargs)
+
+
+class _GuardedPool(HTTPConnectionPool):
+    ConnectionCls = _GuardedConnection
+
+
+class _GuardedHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _GuardedHTTPSConnection
+
+
+class _GuardedAdapter(HTTPAdapter):
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _GuardedPool, "https": _GuardedHTTPSPool}
+
+
 @dataclass(slots=True)
 class Page:
     """One decoded response: the raw records (stream order) and the next cursor."""
@@ -96,160 +248,14 @@ class Page:
 
     @property
     def is_full(self) -> bool:
-        """A full page means more may be waiting: fetch again at once."""
+        """Whether the page holds ``limit`` records. Informative only: the API document says
+        only an empty page means "no more records", so the loop goes on after any other."""
         return len(self.records) >= self.limit
 
     def raw_texts(self) -> Callable[[], list[str] | None] | None:
-        """A function giving the exact text of each record as received (for dead letters).
-
-        It holds only the body bytes, not the decoded records, so that nothing decoded stays
-        alive while its batch waits to be written.
-        """
-        return None if self.body is None else partial(raw_texts_of, self.body)
-
-
-def raw_texts_of(body: bytes) -> list[str] | None:
-    """The text of each item of ``body``'s records array, or None if it cannot be split."""
-    try:
-        items, _, _ = record_spans(body)
-    except ValueError:
-        return None
-    return [item.decode("utf-8", "replace") for item in items]
-
-
-# orjson reads integers beyond 64 bits as doubles (and every fraction as a double): a run
-# of 16 digits sends the body to the exact decoder instead. Mapping every digit to "0" and
-# searching for the run is ~10x cheaper than a regex over each page.
-_DIGITS_TO_ZERO = bytes.maketrans(b"0123456789", b"0" * 10)
-_DIGIT_RUN = b"0" * 16
-
-
-_WIRE = msgspec.json.Decoder(WirePage)
-
-
-def has_long_digit_run(body: bytes) -> bool:
-    return _DIGIT_RUN in body.translate(_DIGITS_TO_ZERO)
-
-
-_STRUCTURAL = re.compile(rb'["\[\]{},:]')
-_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
-
-
-def record_spans(body: bytes) -> tuple[list[bytes], int, int]:
-    """The raw bytes of each item of the top-level ``records`` array, and where the array's
-    contents start and end in ``body``. A small scanner: strings are skipped whole, so
-    brackets and commas inside them do not count. Raises ``ValueError`` if not found."""
-    pos, level = 0, 0
-    key: bytes | None = None
-    last_string = (0, 0)
-    start = end = -1
-    item_start = 0
-    items: list[bytes] = []
-    while True:
-        m = _STRUCTURAL.search(body, pos)
-        if m is None:
-            break
-        i = m.start()
-        ch = body[i : i + 1]
-        pos = i + 1
-        if ch == b'"':
-            s = _STRING.match(body, i)
-            if s is None:
-                raise ValueError("unterminated string")
-            last_string, pos = (i, s.end()), s.end()
-        elif ch == b":":
-            if level == 1:
-                key = body[last_string[0] : last_string[1]]
-        elif ch in (b"[", b"{"):
-            if level == 1 and ch == b"[" and start < 0 and _is_records(key):
-                start = item_start = i + 1
-            level += 1
-        elif ch in (b"]", b"}"):
-            level -= 1
-            if start >= 0 and end < 0 and level == 1:
-                end = i
-                item = body[item_start:i].strip()
-                if item:
-                    items.append(item)
-        elif ch == b"," and start >= 0 and end < 0 and level == 2:
-            items.append(body[item_start:i].strip())
-            item_start = i + 1
-    if start < 0 or end < 0:
-        raise ValueError("no records array")
-    return items, start, end
-
-
-def _is_records(key: bytes | None) -> bool:
-    if key is None:
-        return False
-    try:
-        return bool(json.loads(key) == "records")
-    except ValueError:
-        return False
-
-
-def _decode_slow(body: bytes) -> Any:
-    """The exact decoder (numbers kept exactly, lone surrogates allowed). A record nested too
-    deeply for it becomes an :class:`Undecodable` item instead of failing the page."""
-    try:
-        return decode_exact(body)
-    except RecursionError:
-        pass
-    except ValueError as exc:  # includes UnicodeDecodeError
-        raise ValueError(f"body is not JSON ({_short(exc)})") from None
-    items, start, end = record_spans(body)
-    try:
-        doc = decode_exact(body[:start] + body[end:])
-    except (ValueError, RecursionError) as exc:
-        raise ValueError(f"body is not JSON ({_short(exc)})") from None
-    if isinstance(doc, dict):
-        doc["records"] = [_decode_item(item) for item in items]
-    return doc
-
-
-def _decode_item(item: bytes) -> Any:
-    text = item.decode("utf-8", "replace")
-    try:
-        return decode_exact(item)
-    except RecursionError:
-        return Undecodable(text, "record is nested too deeply to decode")
-    except ValueError as exc:
-        return Undecodable(text, f"record is not valid JSON: {_short(exc)}")
-
-
-def decode_page(body: bytes) -> tuple[list[Any], str]:
-    """Decode a response body into (records, cursor); raise ``ValueError`` if malformed.
-
-    The fast path (msgspec) decodes the documented shape and leaves each record's ``data`` as
-    raw JSON, passed to Postgres as it came. Other bodies go through orjson, or, when orjson
-    cannot read them exactly (lone surrogate escapes, numbers beyond a double, very deep
-    nesting), through the exact stdlib decoder; the records module then decides what each
-    record becomes.
-    """
-    try:
-        wire = _WIRE.decode(body)
-    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
-        pass  # not the usual shape or content: the general decoders below decide
-    else:
-        if not isinstance(wire.cursor, str) or not wire.cursor:
-            raise ValueError("body has no 'cursor' string")
-        return [wire_to_dict(r) for r in wire.records], wire.cursor
-    doc: Any = None
-    if not has_long_digit_run(body):
-        try:
-            doc = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            doc = None
-    if doc is None:
-        doc = _decode_slow(body)
-    if not isinstance(doc, dict):
-        raise ValueError("body is not a JSON object")
-    records, cursor = doc.get("records"), doc.get("cursor")
-    if not isinstance(records, list):
-        raise ValueError("body has no 'records' array")
-    if not isinstance(cursor, str) or not cursor:
-        raise ValueError("body has no 'cursor' string")
-    return records, cursor
+        """A function giving the text of each record as received (for dead letters); see
+        :func:`worker.codec.raw_texts_once`."""
+        return None if self.body is None else raw_texts_once(self.body)
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -309,6 +315,7 @@ class SequinClient:
         page_size: int = 500,
         connect_timeout: float = 10.0,
         read_timeout: float = 60.0,
+        request_timeout: float = 60.0,
         max_retries: int | None = 20,
         allow_insecure_http: bool = False,
         backoff_initial: float = 0.5,
@@ -316,6 +323,7 @@ class SequinClient:
         stop: threading.Event | None = None,
         on_request: Callable[[int | str, float], None] | None = None,
         on_retry: Callable[[str], None] | None = None,
+        on_wait: Callable[[], object] | None = None,
     ) -> None:
         parts = urlsplit(base_url)
         if parts.scheme == "http" and not is_loopback_host(parts.hostname):
@@ -328,13 +336,18 @@ class SequinClient:
         self.url = base_url.rstrip("/") + "/v1/records"
         self._params = {k: v for k, v in (filters or {}).items() if v is not None}
         self.page_size = page_size
-        self._timeout = (connect_timeout, read_timeout)
+        self._timeout = (connect_timeout, min(read_timeout, request_timeout))
+        self._request_timeout = request_timeout
+        self._guard = _RequestGuard()
+        self._on_wait = on_wait
         self._max_retries = max_retries
         self._backoff = (backoff_initial, backoff_max)
         self._stop = stop or threading.Event()
         self._on_request = on_request
         self._on_retry = on_retry
         self._session = requests.Session()
+        for prefix in ("http://", "https://"):
+            self._session.mount(prefix, _GuardedAdapter())
         self._session.headers.update(
             {
                 "Authorization": f"Bearer {token}",
@@ -347,6 +360,11 @@ class SequinClient:
 
     def close(self) -> None:
         self._session.close()
+
+    def abort(self) -> None:
+        """End the request in flight and any retry wait, from any thread: the fetch raises
+        :class:`Stopped`, and so does every later one."""
+        self._guard.abort()
 
     def fetch_page(self, after_cursor: str | None) -> Page:
         """Fetch the page after ``after_cursor`` (``None``: the start of the stream)."""
@@ -374,21 +392,52 @@ class SequinClient:
         params: dict[str, str | int] = {**self._params, "limit": self.page_size}
         if after_cursor is not None:
             params["after_cursor"] = after_cursor
+        if self._guard.aborted.is_set():
+            raise Stopped("stopping")
         started = time.perf_counter()
+        failure: BaseException | None = None
+        self._guard.start(self._request_timeout)
+        _current.guard = self._guard
         try:
             resp = self._session.get(
                 self.url, params=params, timeout=self._timeout, allow_redirects=False
             )
             body = resp.content  # read inside the try: a truncated body raises here
-        except requests.Timeout:
+        except (requests.RequestException, ValueError) as exc:
+            failure = exc
+        finally:
+            _current.guard = None
+            fired = self._guard.finish()
+        # Whatever the read returned once the watchdog fired (an error, or a body cut short
+        # at a close), it is not a whole response.
+        if fired == "aborted":
+            raise Stopped("stopping")
+        if fired == "deadline":
+            self._observe("timeout", started)
+            raise _Retryable(
+                f"timeout: no complete response within {self._request_timeout:g} s "
+                "(SEQUIN_REQUEST_TIMEOUT)"
+            )
+        # A read timeout in the body comes as a ConnectionError from requests: still a timeout.
+        if isinstance(failure, requests.Timeout) or (
+            isinstance(failure, requests.ConnectionError)
+            and _connection_reason(failure) == "timed out"
+        ):
             self._observe("timeout", started)
             raise _Retryable("timeout") from None
-        except requests.ConnectionError as exc:
+        if isinstance(failure, requests.ConnectionError):
             self._observe("connection_error", started)
-            raise _Retryable(f"connection error: {_connection_reason(exc)}") from None
-        except requests.RequestException as exc:
+            raise _Retryable(f"connection error: {_connection_reason(failure)}") from None
+        if isinstance(failure, _TRANSIENT):
             self._observe("error", started)
-            raise _Retryable(f"request failed: {type(exc).__name__}") from None
+            raise _Retryable(f"request failed: {type(failure).__name__}") from None
+        if failure is not None:
+            # The request could not be built or sent as configured: retrying repeats it.
+            # Only the error's type is shown: some messages quote header values (the token).
+            self._observe("error", started)
+            name = type(failure).__name__
+            hint = _HINTS.get(name, "the request is invalid")
+            raise InvalidRequest(f"cannot send the request to the Sequin API ({name}): {hint}")
         status = resp.status_code
         self._observe(status, started)
         if status == 200:
@@ -437,8 +486,17 @@ class SequinClient:
         return delay
 
     def _sleep(self, seconds: float) -> None:
-        if self._stop.wait(seconds):
-            raise Stopped("stopping")
+        # A deliberate wait: the caller is alive (on_wait) and can be stopped at any time.
+        end = time.monotonic() + seconds
+        while True:
+            if self._stop.is_set() or self._guard.aborted.is_set():
+                raise Stopped("stopping")
+            if self._on_wait is not None:
+                self._on_wait()
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            self._guard.aborted.wait(min(left, 0.1))
 
     def _log_retry(self, state: tenacity.RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None

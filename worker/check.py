@@ -71,6 +71,7 @@ def _check_api(c: Checks, settings: Settings) -> None:
         page_size=1,
         connect_timeout=settings.connect_timeout,
         read_timeout=min(settings.read_timeout, 30),
+        request_timeout=min(settings.request_timeout, 30),
         max_retries=0,
         allow_insecure_http=settings.allow_insecure_http,
     )

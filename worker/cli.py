@@ -9,10 +9,12 @@ Exit codes (also in the README):
     differ from the configured ones
 3   the API rejected the token (401/403)
 4   the API rejected a request (another 4xx, e.g. an invalid cursor), or answered in a
-    way that breaks the pagination contract
+    way that breaks the pagination contract (a cursor that does not advance, cycles or
+    goes back), or the request cannot be sent at all (no retry can help)
 5   ``backfill``: the API stayed unavailable through SEQUIN_MAX_RETRIES (``run`` retries)
-6   ``backfill``: the database stayed unreachable through SEQUIN_MAX_RETRIES (``run``
-    retries); or a migration failed
+6   the database: a permanent failure (no privilege, a missing table: the message says
+    what to fix), in ``run`` too; or ``backfill``: a batch kept failing through
+    SEQUIN_MAX_RETRIES (``run`` retries); or a migration failed
 7   ``backfill --no-wait``: another process is syncing this consumer
 8   ``check``: at least one check failed
 ==  ===========================================================================
@@ -34,14 +36,20 @@ import psycopg
 import structlog
 
 from worker import __version__, logs
-from worker.api import ApiUnavailable, RequestRejected, Stopped, TokenRejected
+from worker.api import ApiUnavailable, InvalidRequest, RequestRejected, Stopped, TokenRejected
 from worker.config import ConfigError, Settings, load_settings
 from worker.metrics import Metrics
 from worker.migrations import migrate
 from worker.ops import OpsServer
 from worker.status import Progress, SchemaMissing
-from worker.store import ConsumerMismatch, StoreUnavailable
-from worker.sync import DatabaseUnavailable, LoopState, ProtocolViolation, Totals
+from worker.store import ConsumerMismatch, StoreFailure
+from worker.sync import (
+    DatabaseRefused,
+    DatabaseUnavailable,
+    LoopState,
+    ProtocolViolation,
+    Totals,
+)
 
 log = structlog.get_logger("worker.cli")
 
@@ -342,11 +350,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         _fail(EXIT_CONFIG, str(exc))
     except TokenRejected as exc:
         _fail(EXIT_TOKEN, str(exc))
-    except (RequestRejected, ProtocolViolation) as exc:
+    except (RequestRejected, InvalidRequest, ProtocolViolation) as exc:
         _fail(EXIT_REJECTED, str(exc))
     except ApiUnavailable as exc:
         _fail(EXIT_API_DOWN, str(exc))
-    except (DatabaseUnavailable, StoreUnavailable) as exc:
+    except (DatabaseRefused, DatabaseUnavailable, StoreFailure) as exc:
         _fail(EXIT_DB, f"database: {exc}")
     except SchemaMissing as exc:
         _fail(EXIT_DB, str(exc))

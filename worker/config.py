@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import unicodedata
 from typing import Literal
 from urllib.parse import urlsplit
 
@@ -86,6 +87,9 @@ class Settings(BaseSettings):
     )
     connect_timeout: float = Field(10.0, gt=0, validation_alias=_env("SEQUIN_CONNECT_TIMEOUT"))
     read_timeout: float = Field(60.0, gt=0, validation_alias=_env("SEQUIN_READ_TIMEOUT"))
+    request_timeout: float = Field(
+        60.0, gt=0, le=3600, validation_alias=_env("SEQUIN_REQUEST_TIMEOUT")
+    )
     max_retries: int = Field(20, ge=0, validation_alias=_env("SEQUIN_MAX_RETRIES"))
     batch_max_records: int = Field(
         5000, ge=1, le=1_000_000, validation_alias=_env("SEQUIN_BATCH_MAX_RECORDS")
@@ -99,6 +103,20 @@ class Settings(BaseSettings):
     heartbeat_timeout: float = Field(120.0, gt=0, validation_alias=_env("SEQUIN_HEARTBEAT_TIMEOUT"))
     notify: bool = Field(False, validation_alias=_env("SEQUIN_NOTIFY"))
     auto_views: bool = Field(True, validation_alias=_env("SEQUIN_AUTO_VIEWS"))
+
+    @field_validator("api_token", mode="before")
+    @classmethod
+    def _token_text(cls, v: object) -> object:
+        # A secret made from a file usually ends in a newline; requests would refuse the
+        # header, and retrying cannot fix it. Never echo the value in the message.
+        if not isinstance(v, str):
+            return v
+        v = v.strip()
+        if any(unicodedata.category(ch) == "Cc" for ch in v):
+            raise ValueError("contains a control character (e.g. a line break inside the value)")
+        if not v.isascii():
+            raise ValueError("contains a non-ASCII character; an API token is plain ASCII")
+        return v
 
     @field_validator("sync_id", "provider", "collection", mode="before")
     @classmethod
@@ -129,6 +147,10 @@ class Settings(BaseSettings):
         parts = urlsplit(v)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("must be an http(s) URL such as https://api.sequin.io")
+        try:
+            parts.port  # noqa: B018 -- raises for a port out of range
+        except ValueError:
+            raise ValueError("has an invalid port") from None
         return v.rstrip("/")
 
     @model_validator(mode="after")
@@ -142,6 +164,29 @@ class Settings(BaseSettings):
             raise ValueError(
                 "SEQUIN_BASE_URL: plain http:// to a non-loopback host would expose the API "
                 "token; use https:// (or SEQUIN_ALLOW_INSECURE_HTTP=true on a private network)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _http_bounds(self) -> Settings:
+        # The request deadline bounds a whole request; the connect and read timeouts bound
+        # one wait for the socket inside it, so they must fit in it. The heartbeat must
+        # outlast one request, or a slow but live fetch would fail the liveness probe.
+        if self.connect_timeout >= self.request_timeout:
+            raise ValueError(
+                f"SEQUIN_CONNECT_TIMEOUT ({self.connect_timeout:g}) must be less than "
+                f"SEQUIN_REQUEST_TIMEOUT ({self.request_timeout:g})"
+            )
+        if self.read_timeout > self.request_timeout:
+            raise ValueError(
+                f"SEQUIN_READ_TIMEOUT ({self.read_timeout:g}) must not exceed "
+                f"SEQUIN_REQUEST_TIMEOUT ({self.request_timeout:g}); raise both together"
+            )
+        if self.heartbeat_timeout <= self.request_timeout:
+            raise ValueError(
+                f"SEQUIN_HEARTBEAT_TIMEOUT ({self.heartbeat_timeout:g}) must be greater than "
+                f"SEQUIN_REQUEST_TIMEOUT ({self.request_timeout:g}): one request may take "
+                "that long"
             )
         return self
 

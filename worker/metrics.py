@@ -117,6 +117,13 @@ class Metrics:
             "Seconds the batch now being applied has been failing (0 after a commit).",
             registry=r,
         )
+        # Set by the ops endpoint (OpsServer) to its /readyz answer, so that readiness can be
+        # alerted on; 0 where no ops endpoint runs.
+        self.ready = Gauge(
+            "sequin_worker_ready",
+            "1 while /readyz answers 200 (migrated, database answers), else 0.",
+            registry=r,
+        )
         self._newest: float | None = None
 
     def _lag(self) -> float:

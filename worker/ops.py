@@ -5,7 +5,9 @@
 * ``/metrics``: Prometheus exposition of :class:`worker.metrics.Metrics`.
 * ``/healthz``: liveness. 200 while the loop's heartbeat is fresh, which it is whenever the
   loop makes progress or is deliberately waiting (caught up, backing off, standing by);
-  503 only when the heartbeat is older than the timeout (the loop is stuck).
+  503 when the heartbeat is older than the timeout (the loop is stuck), or when the
+  database has been failing for longer than the timeout (the loop keeps retrying, but an
+  orchestrator should see it: the batch makes no progress).
 * ``/readyz``: 200 once migrations are applied and the database answers a query.
 
 The server runs on a daemon thread and never touches the sync loop's state except to read
@@ -42,6 +44,8 @@ class OpsServer:
         self.state = state
         self.db_ping = db_ping
         self.heartbeat_timeout = heartbeat_timeout
+        # Evaluated at each scrape: one short database ping (<= about 2 s), like a probe.
+        metrics.ready.set_function(lambda: 1.0 if self.ready()[0] == 200 else 0.0)
         handler = _make_handler(self)
         self._server = ThreadingHTTPServer((host, port), handler)
         self._server.daemon_threads = True
@@ -73,6 +77,17 @@ class OpsServer:
         if age > self.heartbeat_timeout:
             body["error"] = f"no loop heartbeat for {age:.0f} s"
             return 503, body
+        since = self.state.failing_since
+        if since is not None:
+            failing = time.monotonic() - since
+            body["failing_s"] = round(failing, 3)
+            body["failure_class"] = self.state.failure_class
+            if failing > self.heartbeat_timeout:
+                body["error"] = (
+                    f"the database has been failing for {failing:.0f} s "
+                    f"({self.state.failure_class})"
+                )
+                return 503, body
         return 200, body
 
     def ready(self) -> tuple[int, dict[str, object]]:

@@ -110,8 +110,10 @@ class InvalidRecord(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Undecodable:
-    """An item of a page that could not even be decoded (e.g. nested too deeply for the
-    decoder); ``raw`` is its exact text from the wire."""
+    """An item of a page that could not even be decoded (not JSON: ``NaN``, invalid UTF-8, a
+    stray comma; or nested too deeply for the decoder); ``raw`` is its text from the wire,
+    with bytes that are not UTF-8 (and NUL) as ``\\xNN`` escapes (see
+    :func:`worker.codec.item_text`)."""
 
     raw: str
     reason: str
@@ -177,11 +179,27 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def decode_exact(text: bytes | str) -> Any:
+def _exact_int(text: str) -> int | Decimal:
+    # int() refuses more than 4300 digits (CPython's guard against slow conversion); jsonb
+    # takes far more, so such an integer stays exact as a Decimal instead of failing.
+    return int(text) if len(text) <= 4000 else Decimal(text)
+
+
+def decode_exact(
+    text: bytes | str,
+    object_pairs_hook: Callable[[list[tuple[str, Any]]], Any] | None = None,
+) -> Any:
     """Decode JSON with the stdlib, keeping every number exactly: integers of any size,
     fractions as :class:`~decimal.Decimal` (no rounding to a double, no ``inf``); the
-    non-JSON literals ``NaN`` and ``Infinity`` are refused."""
-    return json.loads(text, parse_float=Decimal, parse_constant=_refuse_constant)
+    non-JSON literals ``NaN`` and ``Infinity`` are refused (``ValueError``), as is invalid
+    UTF-8 (``UnicodeDecodeError``, a ``ValueError``)."""
+    return json.loads(
+        text,
+        parse_float=Decimal,
+        parse_int=_exact_int,
+        parse_constant=_refuse_constant,
+        object_pairs_hook=object_pairs_hook,
+    )
 
 
 def dumps_exact(value: Any) -> str:
@@ -477,6 +495,25 @@ def dedup(records: Iterable[Record]) -> list[Record]:
         if current is None or record.upstream_updated_at >= current.upstream_updated_at:
             latest[key] = record
     return list(latest.values())
+
+
+def versions_by_key(records: Iterable[Record]) -> list[list[Record]]:
+    """Every version of each key, ordered by :func:`dedup`'s rule: the first of each list is
+    the version ``dedup`` keeps, then the next best, and so on.
+
+    ``records`` must be in stream order. Keys come in first-seen order. Used when Postgres
+    refuses a version: the next one is tried, so the key gets the newest version Postgres
+    accepts however the pages were grouped.
+    """
+    by_key: dict[tuple[str, str], list[Record]] = {}
+    for record in records:
+        by_key.setdefault((record.collection_id, record.upstream_id), []).append(record)
+    # Later in the stream first, then a stable sort by timestamp: on equal timestamps the
+    # later version stays ahead, as in dedup.
+    return [
+        sorted(reversed(versions), key=lambda r: r.upstream_updated_at, reverse=True)
+        for versions in by_key.values()
+    ]
 
 
 def provider_of(collection_id: str) -> str:

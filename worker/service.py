@@ -18,11 +18,12 @@ import structlog
 from worker import views
 from worker.api import SequinClient
 from worker.config import NOTIFY_CHANNEL, Settings
+from worker.failures import FailureClass
 from worker.lease import Lease
 from worker.locks import consumer_lock_key
 from worker.metrics import Metrics
-from worker.store import ApplyResult, ConsumerConfig, PgStore, StoreUnavailable, connect
-from worker.sync import DatabaseUnavailable, LoopState, Mode, SyncLoop, Totals, backoff_delay
+from worker.store import ApplyResult, ConsumerConfig, PgStore, StoreFailure, connect
+from worker.sync import FailureHandler, LoopState, Mode, SyncLoop, Totals
 
 log = structlog.get_logger("worker.service")
 
@@ -58,7 +59,11 @@ def make_client_factory(
     stop: threading.Event,
     metrics: Metrics | None = None,
     max_retries: int | None = 20,
+    on_wait: Callable[[], object] | None = None,
 ) -> Callable[[], SequinClient]:
+    """Builds one client per session. ``stop`` (the process's) and the session's own
+    :meth:`SequinClient.abort` both end its retry waits; ``on_wait`` is called during them
+    (the heartbeat: a documented backoff is a live worker)."""
     assert settings.api_token is not None
     token = settings.api_token.get_secret_value()
 
@@ -70,11 +75,13 @@ def make_client_factory(
             page_size=settings.page_size,
             connect_timeout=settings.connect_timeout,
             read_timeout=settings.read_timeout,
+            request_timeout=settings.request_timeout,
             max_retries=max_retries,
             allow_insecure_http=settings.allow_insecure_http,
             stop=stop,
             on_request=metrics.observe_request if metrics else None,
             on_retry=metrics.observe_retry if metrics else None,
+            on_wait=on_wait,
         )
 
     return factory
@@ -85,22 +92,24 @@ def migrate_with_retry(
     stop: threading.Event,
     max_retries: int | None,
     state: LoopState,
+    on_failure: Callable[[FailureClass, float], None] | None = None,
 ) -> list[int] | None:
-    """Apply migrations, retrying while the database is unreachable. Returns the versions
-    applied, or None if ``stop`` was set while waiting."""
-    attempt = 0
+    """Apply migrations, handling failures as the sync loop does (one policy:
+    :class:`worker.sync.FailureHandler`). Returns the versions applied, or None if ``stop``
+    was set while waiting. Raises :class:`worker.sync.DatabaseRefused` (e.g. no privilege
+    to create the schema) or :class:`worker.sync.DatabaseUnavailable` (budget spent)."""
+    failures = FailureHandler(max_retries, stop, state, on_failure=on_failure)
     while not stop.is_set():
         state.beat("migrating")
         try:
-            return store.migrate()
-        except StoreUnavailable as exc:
-            attempt += 1
-            if max_retries is not None and attempt > max_retries:
-                raise DatabaseUnavailable(f"cannot reach the database: {exc}") from None
-            wait = backoff_delay(attempt)
-            log.warning("db_retry", reason=str(exc), attempt=attempt, wait_s=round(wait, 3))
-            state.beat("db_retry")
-            stop.wait(wait)
+            applied = store.migrate()
+        except StoreFailure as exc:
+            if stop.is_set():
+                break
+            failures.failed(exc)
+            continue
+        failures.recovered()
+        return applied
     return None
 
 
@@ -227,7 +236,7 @@ class ViewKeeper:
                         todo.discard(collection)
                     if done.action not in ("deferred", "skipped"):
                         self._known.add(collection)
-        except (psycopg.Error, StoreUnavailable) as exc:
+        except (psycopg.Error, StoreFailure) as exc:
             log.warning("view_refresh_failed", reason=str(exc).splitlines()[0] if str(exc) else "")
         finally:
             with self._cond:
@@ -273,6 +282,11 @@ def run_consumer(
     metrics = metrics or Metrics(settings.consumer)
     loop_state = state
     metrics.caught_up.set_function(lambda: 1.0 if loop_state.caught_up else 0.0)
+    # Live, so that it reads 0 as soon as a failure is over, commit or not (e.g. a reconnect
+    # while idle), and grows between the retries of a long backoff.
+    metrics.batch_failing.set_function(
+        lambda: 0.0 if (t := loop_state.failing_since) is None else time.monotonic() - t
+    )
     keeper = ViewKeeper(dsn, settings.db_schema) if settings.auto_views else None
 
     def on_batch(r: ApplyResult) -> None:
@@ -289,7 +303,7 @@ def run_consumer(
             keeper.on_batch(r)
 
     budget = retry_budget(settings, mode)
-    applied = migrate_with_retry(store, stop, budget, state)
+    applied = migrate_with_retry(store, stop, budget, state, metrics.observe_batch_failure)
     if applied is None:
         return Outcome(totals or Totals(), caught_up=False)
     state.migrated = True
@@ -301,7 +315,7 @@ def run_consumer(
         name=settings.consumer,
         retry_interval=settings.lock_retry_interval,
     )
-    client_factory = make_client_factory(settings, stop, metrics, budget)
+    client_factory = make_client_factory(settings, stop, metrics, budget, on_wait=state.beat)
     totals = totals or Totals()
     try:
         while not stop.is_set():
@@ -331,6 +345,7 @@ def run_consumer(
                 max_db_retries=budget,
                 on_batch=on_batch,
                 on_caught_up=keeper.on_caught_up if keeper is not None else None,
+                on_failure=metrics.observe_batch_failure,
                 state=state,
                 totals=totals,
                 batch_log_level=batch_log_level,

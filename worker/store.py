@@ -8,9 +8,12 @@ resumes from exactly where the data stands.
 
 Failure modes:
 
-* :class:`StoreUnavailable`: the connection failed or was lost (network, restart,
-  ``pg_terminate_backend``). The transaction in flight did not commit *or* its commit was
-  not acknowledged; callers reconnect and re-read the cursor, which tells which.
+* :class:`StoreFailure`: Postgres refused or failed a statement; its ``failure_class``
+  (see :mod:`worker.failures`) says what to do about it. The transaction in flight rolled
+  back. The subclass :class:`StoreUnavailable` is the class ``connection_lost``: the
+  connection failed or was lost (network, restart, ``pg_terminate_backend``) and the commit
+  in flight may or may not have happened; callers reconnect and re-read the cursor, which
+  tells which.
 * :class:`CursorConflict`: the stored cursor is not where this process expected it: another
   process of the same consumer wrote in between. Nothing was applied.
 * :class:`ConsumerMismatch`: the consumer exists with other filters (its cursor belongs to
@@ -33,15 +36,48 @@ import structlog
 from psycopg.types.json import set_json_dumps
 
 from worker import migrations, sqlfiles
-from worker.records import DeadLetter, ParsedPage, Record, dedup
+from worker.failures import FailureClass, classify
+from worker.records import DeadLetter, ParsedPage, Record, dedup, versions_by_key
 
 log = structlog.get_logger("worker.store")
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 
 
-class StoreUnavailable(Exception):
+class StoreFailure(Exception):
+    """A database error, with its class (see :mod:`worker.failures`) and SQLSTATE."""
+
+    failure_class: FailureClass = "transient"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        failure_class: FailureClass | None = None,
+        sqlstate: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        if failure_class is not None:
+            self.failure_class = failure_class
+        self.sqlstate = sqlstate
+
+
+class StoreUnavailable(StoreFailure):
     """The database cannot be reached or the connection was lost."""
+
+    failure_class: FailureClass = "connection_lost"
+
+
+def store_failure(exc: psycopg.Error) -> StoreFailure:
+    """The domain error for ``exc``, classified by its SQLSTATE; the message is Postgres'
+    first line (never the DSN), with the SQLSTATE when there is one."""
+    cls = classify(exc.sqlstate)
+    text = _describe(exc)
+    if exc.sqlstate:
+        text = f"{text} (SQLSTATE {exc.sqlstate})"
+    if cls == "connection_lost":
+        return StoreUnavailable(text, sqlstate=exc.sqlstate)
+    return StoreFailure(text, failure_class=cls, sqlstate=exc.sqlstate)
 
 
 class CursorConflict(Exception):
@@ -70,6 +106,10 @@ class Batch:
     def rows(self) -> list[Record]:
         """One version per key across all pages (see :func:`worker.records.dedup`)."""
         return dedup(r for p in self.pages for r in p.records)
+
+    def versions(self) -> list[list[Record]]:
+        """Every version of each key, best first (see :func:`worker.records.versions_by_key`)."""
+        return versions_by_key(r for p in self.pages for r in p.records)
 
     def dead_letters(self) -> list[DeadLetter]:
         return [d for p in self.pages for d in p.dead_letters]
@@ -149,6 +189,11 @@ def connect(dsn: str, *, autocommit: bool = False, application_name: str = "sequ
 STAGE_TYPES = ["text", "text", "text", "timestamptz", "timestamptz", "bool", "jsonb"]
 
 
+# Postgres refusing the data of a row (a value validation let through): handled row by row.
+REFUSALS = (psycopg.errors.DataError, psycopg.errors.ProgramLimitExceeded)
+_IDLE = (psycopg.pq.TransactionStatus.IDLE,)
+
+
 def _as_is(text: Any) -> Any:
     return text
 
@@ -208,9 +253,9 @@ class PgStore:
         try:
             with conn.transaction():
                 conn.execute(self._q["create_stage"])
-        except psycopg.OperationalError as exc:
+        except psycopg.Error as exc:
             conn.close()
-            raise StoreUnavailable(_describe(exc)) from None
+            raise store_failure(exc) from None
         self._conn = conn
 
     def close(self) -> None:
@@ -227,15 +272,26 @@ class PgStore:
         return self._conn
 
     @contextmanager
-    def _translate(self) -> Iterator[None]:
+    def _translate(self, *, refusals: bool = False) -> Iterator[None]:
+        """Turn psycopg errors into :class:`StoreFailure`. With ``refusals``, Postgres
+        refusing the data (:data:`REFUSALS`) passes through untouched for the row-by-row
+        fallback of :meth:`apply`."""
         try:
             yield
-        except psycopg.errors.ProgramLimitExceeded:
-            raise  # an OperationalError by class, but about the data, not the connection
-        except psycopg.OperationalError as exc:
-            # Lost or broken connection: drop it; the caller reconnects.
+        except psycopg.Error as exc:
+            if refusals and isinstance(exc, REFUSALS):
+                raise
+            raise self._failed(exc) from None
+
+    def _failed(self, exc: psycopg.Error) -> StoreFailure:
+        failure = store_failure(exc)
+        conn = self._conn
+        broken = conn is None or conn.closed or conn.info.transaction_status not in _IDLE
+        if failure.failure_class == "connection_lost" or broken:
+            # Lost or unusable connection: drop it; the caller reconnects. Otherwise the
+            # transaction rolled back and the connection serves the retry.
             self.close()
-            raise StoreUnavailable(_describe(exc)) from None
+        return failure
 
     def migrate(self) -> list[int]:
         """Apply pending migrations (see :mod:`worker.migrations`) on a side connection."""
@@ -311,7 +367,7 @@ class PgStore:
         result = fresh()
         try:
             self._apply(batch, rows, dead, result, isolate=False)
-        except (psycopg.errors.DataError, psycopg.errors.ProgramLimitExceeded) as exc:
+        except REFUSALS as exc:
             # Postgres refused something validation let through (it should not happen).
             # Rather than fail this batch on every restart, apply it again row by row and
             # dead-letter the rows it refuses, with Postgres' reason.
@@ -333,7 +389,7 @@ class PgStore:
     ) -> None:
         conn = self.conn
         c = self.consumer
-        with self._translate(), conn.transaction(), conn.cursor() as cur:
+        with self._translate(refusals=not isolate), conn.transaction(), conn.cursor() as cur:
             cur.execute(
                 self._q["advance_cursor"],
                 {
@@ -350,7 +406,7 @@ class PgStore:
                 raise CursorConflict(f"consumer {c.name!r} was moved or reset by another process")
             if rows:
                 if isolate:
-                    changed, refused = self._write_rows_one_by_one(cur, rows, batch)
+                    changed, refused = self._write_rows_one_by_one(cur, batch)
                     dead.extend(refused)
                     result.dead_lettered = len(dead)
                     if refused:
@@ -363,9 +419,11 @@ class PgStore:
                     refused = []
                 result.upserted = sum(n for (_, is_del), n in changed.items() if not is_del)
                 result.deleted = sum(n for (_, is_del), n in changed.items() if is_del)
-                result.skipped = len(rows) - len(refused) - result.upserted - result.deleted
                 result.changed = dict(changed)
-            result.skipped += batch.valid - len(rows)  # superseded within the batch
+            else:
+                refused = []
+            # The rest were superseded within the batch or changed nothing (older than the row).
+            result.skipped = batch.valid - len(refused) - result.upserted - result.deleted
             if dead:
                 result.dead_by_collection = dict(
                     Counter(d.collection_id or "unknown" for d in dead)
@@ -391,28 +449,36 @@ class PgStore:
                 )
 
     def _write_rows_one_by_one(
-        self, cur: psycopg.Cursor[tuple[Any, ...]], rows: list[Record], batch: Batch
+        self, cur: psycopg.Cursor[tuple[Any, ...]], batch: Batch
     ) -> tuple[Counter[tuple[str, bool]], list[DeadLetter]]:
-        """Each row under its own savepoint; the ones Postgres refuses become dead letters."""
+        """Each row under its own savepoint; the ones Postgres refuses become dead letters.
+
+        Per key, the versions of the batch are tried newest first until Postgres accepts one:
+        the key gets the newest version Postgres accepts, and every newer one it refused is
+        dead-lettered. Applying the same pages one per batch gives the same table, so the
+        result never depends on how pages were grouped (README, "Guarantees").
+        """
         changed: Counter[tuple[str, bool]] = Counter()
         refused: list[DeadLetter] = []
         page_of = {id(r): p for p in batch.pages for r in p.records}
-        for row in rows:
-            try:
-                with self.conn.transaction():
-                    changed.update(self._write_rows(cur, [row]))
-                    cur.execute(self._q["clear_stage"])
-            except (psycopg.errors.DataError, psycopg.errors.ProgramLimitExceeded) as exc:
-                page = page_of[id(row)]
-                refused.append(
-                    DeadLetter(
-                        raw=page.raw_text(row),
-                        reason=f"Postgres refused the row: {_describe(exc)}"[:500],
-                        after_cursor=page.after_cursor,
-                        collection_id=row.collection_id,
-                        upstream_id=row.upstream_id,
+        for versions in batch.versions():
+            for row in versions:
+                try:
+                    with self.conn.transaction():
+                        changed.update(self._write_rows(cur, [row]))
+                        cur.execute(self._q["clear_stage"])
+                    break
+                except REFUSALS as exc:
+                    page = page_of[id(row)]
+                    refused.append(
+                        DeadLetter(
+                            raw=page.raw_text(row),
+                            reason=f"Postgres refused the row: {_describe(exc)}"[:500],
+                            after_cursor=page.after_cursor,
+                            collection_id=row.collection_id,
+                            upstream_id=row.upstream_id,
+                        )
                     )
-                )
         return changed, refused
 
     def _write_rows(

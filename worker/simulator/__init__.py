@@ -14,7 +14,11 @@ Modules, one job each (each imports only the ones above it):
 * :mod:`~worker.simulator.cursors`: the cursor codec (a cursor names a stream position).
 * :mod:`~worker.simulator.stream`: the ordered stream (base records plus appended and
   live ones), paging, and the expected-state oracle.
+* :mod:`~worker.simulator.hostile`: named items a client must isolate one by one.
+* :mod:`~worker.simulator.hooks`: what a fault mode is (its hooks, what it sees; it
+  names FaultConfig, below it, as a type only).
 * :mod:`~worker.simulator.faults`: injected faults, each mode declared in one place.
+* :mod:`~worker.simulator.injector`: rolls the faults of each request.
 * :mod:`~worker.simulator.server`: the HTTP server and its request log.
 * :mod:`~worker.simulator.facade`: :class:`Simulator`, wiring the above together.
 * :mod:`~worker.simulator.cli`: ``sequin-worker simulate`` / ``python -m worker.simulator``.
@@ -23,10 +27,12 @@ Modules, one job each (each imports only the ones above it):
 from worker.simulator.cli import main
 from worker.simulator.facade import Simulator
 from worker.simulator.faults import FaultConfig
+from worker.simulator.hostile import HOSTILE_ITEMS
 from worker.simulator.server import RequestLogEntry
 from worker.simulator.timestamps import format_ts, parse_ts
 
 __all__ = [
+    "HOSTILE_ITEMS",
     "FaultConfig",
     "RequestLogEntry",
     "Simulator",

@@ -13,8 +13,8 @@ import sys
 import threading
 from typing import Any
 
-from worker.simulator import faults
 from worker.simulator.facade import Simulator
+from worker.simulator.faults import FLAGS, FaultConfig, non_negative
 from worker.simulator.server import RECORDS_PATH
 
 __all__ = ["main"]
@@ -38,12 +38,46 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--record-size", type=int, default=800, help="approx. bytes of data")
     parser.add_argument(
         "--append-rate",
-        type=faults.non_negative,
+        type=non_negative,
         default=0.0,
         help="live records per second (default 0)",
     )
-    faults.add_arguments(parser)
+    parser.add_argument(
+        "--hostile-items",
+        action="store_true",
+        help="end the stream with one item of each kind a client must dead-letter alone "
+        "(non-objects, NaN, Infinity, invalid UTF-8, a NUL byte)",
+    )
+    _add_fault_arguments(parser)
     return parser
+
+
+def _add_fault_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add every fault flag of :data:`FLAGS`, defaulting to FaultConfig's defaults."""
+    defaults = FaultConfig()
+    for flag in FLAGS:
+        if flag.parse is None:  # a switch
+            parser.add_argument(flag.flag, dest=flag.field, action="store_true", help=flag.help)
+            continue
+        default = getattr(defaults, flag.field)
+        parser.add_argument(
+            flag.flag,
+            dest=flag.field,
+            metavar=flag.flag[2:].upper().replace("-", "_"),
+            type=flag.parse,
+            default=default if flag.per == 1 else default * flag.per,
+            help=flag.help,
+        )
+
+
+def _fault_config(args: argparse.Namespace, seed: int) -> FaultConfig:
+    """The FaultConfig the parsed flags ask for.  Raises ValueError if it is invalid."""
+    values: dict[str, Any] = {}
+    for flag in FLAGS:
+        value = getattr(args, flag.field)
+        # Unscaled values keep their type (an int stays an int, a switch a bool).
+        values[flag.field] = value if flag.per == 1 else value / flag.per
+    return FaultConfig(seed=seed, **values)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             records=args.records,
             keys=args.keys,
             record_size=args.record_size,
-            faults=faults.config_from_args(args, seed=args.seed),
+            faults=_fault_config(args, seed=args.seed),
             append_rate=args.append_rate,
             host=args.host,
             port=args.port,
@@ -68,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"sequin-worker simulate: {exc}", file=sys.stderr)
         return 2
+    if args.hostile_items:
+        sim.append_hostile()
     done = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:

@@ -3,7 +3,8 @@
 It wires the parts together, runs the server and live mode in background threads and
 keeps the public surface the tests, benchmarks and demo use; the work itself is done
 by :mod:`~worker.simulator.dataset`, :mod:`~worker.simulator.stream`,
-:mod:`~worker.simulator.faults` and :mod:`~worker.simulator.server`.
+:mod:`~worker.simulator.faults` (rolled by :mod:`~worker.simulator.injector`) and
+:mod:`~worker.simulator.server`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from typing import Any
 
 from worker.simulator.bodies import COLLECTIONS
 from worker.simulator.dataset import Dataset
-from worker.simulator.faults import FaultConfig, Faults
+from worker.simulator.faults import FaultConfig
+from worker.simulator.hostile import hostile_items
+from worker.simulator.injector import Faults
 from worker.simulator.server import RECORDS_PATH, RequestLog, Server
 from worker.simulator.stream import DEFAULT_LIMIT, MAX_LIMIT, Stream
 
@@ -88,6 +91,7 @@ class Simulator:
             token=self.token,
             faults=self._faults,
             log=self.request_log,
+            stopping=self._stopping,
         )
         self._serve_thread = threading.Thread(
             target=self._server.serve_forever,
@@ -218,6 +222,17 @@ class Simulator:
     def append_raw(self, fragment: str | bytes, sort_ts: str | None = None) -> None:
         """Add a raw JSON text fragment, served verbatim; see :meth:`Stream.append_raw`."""
         self._stream.append_raw(fragment, sort_ts)
+
+    def append_hostile(
+        self, kinds: Iterable[str] | None = None, sort_ts: str | None = None
+    ) -> list[bytes]:
+        """Append the :data:`~worker.simulator.hostile.HOSTILE_ITEMS` named in ``kinds``
+        (default: all), in that order, each as one raw item (see :meth:`append_raw`);
+        returns the bytes appended.  ValueError for an unknown name (nothing appended)."""
+        items = hostile_items(kinds)
+        for item in items:
+            self._stream.append_raw(item, sort_ts)
+        return items
 
     def page(
         self,

@@ -2,16 +2,25 @@
 
 Everything about a fault mode is declared here, in one place:
 
-* its knobs, as fields of :class:`FaultConfig` (a rate in [0, 1] plus any parameters);
+* its knobs, as fields of :class:`FaultConfig` (a rate in [0, 1], listed in ``SHARES``,
+  plus any parameters; durations listed in ``DURATIONS``);
 * its command-line flags, as rows of :data:`FLAGS`;
-* the mode itself, as a :class:`Fault` subclass listed in :data:`MODES`: the ``rate``
-  field it is rolled with, ``decide`` (any further random choices, drawn from the fault
-  RNG when the mode is rolled) and one or more hooks saying what it does to the answer:
-  ``answer`` (answer instead of the server), ``shape_page`` (change the page query) or
-  ``deliver`` (change how the real answer goes out).
+* the mode itself, as a :class:`~worker.simulator.hooks.Fault` subclass listed in a group
+  of :data:`GROUPS`: the ``rate`` field it is rolled with, ``decide`` (any further random
+  choices, drawn from the fault RNG when the mode is rolled) and one or more hooks saying
+  what it does: ``answer`` (answer instead of the server), ``shape_page`` (serve another
+  page) or ``deliver`` (change how the real answer goes out; :class:`Reply` has ``head``,
+  ``write`` and ``idle`` to pace or split the bytes).
 
-The server (:mod:`worker.simulator.server`) only calls :meth:`Faults.roll` once per
-request and then the hooks of the fault it got; it knows no mode by name.
+A mode joins, at its end, the group whose stage fits its hooks (see
+:class:`~worker.simulator.hooks.Group`), or starts a new group at the end of :data:`GROUPS`;
+either way the fault sequence of an existing seed stays the same while the new rate is 0.
+The server
+(:mod:`worker.simulator.server`) only asks :class:`~worker.simulator.injector.Faults` for
+the faults of each request and calls their hooks; it knows no mode by name.
+
+Items a client must isolate one by one are not faults of a request but records of the
+stream: see :mod:`worker.simulator.hostile`.
 """
 
 from __future__ import annotations
@@ -20,33 +29,26 @@ import argparse
 import email.utils
 import math
 import random
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar, NamedTuple, Protocol
+from typing import ClassVar
 
-from worker.simulator.dataset import Pos
+from worker.simulator.hooks import Fault, Flag, Group, Reply
+from worker.simulator.stream import PageQuery
 
-__all__ = [
-    "FLAGS",
-    "MODES",
-    "Fault",
-    "FaultConfig",
-    "Faults",
-    "Reply",
-    "add_arguments",
-    "config_from_args",
-]
+__all__ = ["FLAGS", "GROUPS", "FaultConfig", "non_negative"]
 
 
 @dataclass
 class FaultConfig:
     """Faults injected per request, decided by an RNG seeded with ``seed``.
 
-    Rates are probabilities in [0, 1] and are tried in the order of :data:`MODES` from
-    one draw: ``rate_drop``, ``rate_truncate``, ``rate_429``, ``rate_5xx`` (so their sum
-    should not exceed 1).  Every field may be changed while the server runs.
+    Rates are probabilities in [0, 1].  Each group of :data:`GROUPS` is drawn on its own,
+    its rates tried in order from one draw (so their sum should not exceed 1; it must not,
+    for every group but the first).  Every field may be changed while the server runs.
+
+    Answers instead of the server (drawn for every request, in this order: ``rate_drop``,
+    ``rate_truncate``, ``rate_429``, ``rate_5xx``):
 
     * ``latency``: seconds slept before answering every request (faulty or not).
     * ``rate_429``: answer 429 with ``Retry-After``.  The header carries
@@ -60,6 +62,26 @@ class FaultConfig:
     * ``rate_drop``: close the connection without sending anything.
     * ``rate_truncate``: send the real response's headers (full Content-Length)
       and only half of its body, then close the connection.
+
+    Stalls and pagination faults (each group drawn separately, only when one of its
+    rates is set, so the sequences above do not change):
+
+    * ``rate_silent``: answer nothing until the client gives up (or the server
+      stops): after the real headers, or with ``silent_before_headers`` not even
+      those.
+    * ``rate_trickle``: send the real headers, then the body ``trickle_bytes`` at
+      a time every ``trickle_interval`` seconds.
+    * ``rate_short_page``: a page that would be full comes back with fewer records
+      (1 to limit-1) though more follow; its cursor is that of its last record.
+    * ``rate_cycle``: the right records, but the cursor handed back is one the
+      client sent earlier (the one before the cursor of this request).
+    * ``rate_rewind``: records from an earlier position (after the cursor the
+      client sent before this request's, limit-1 of them) under a fresh cursor:
+      records older than the previous page ended with.
+
+    Stalls apply to 200 answers only.  Cycles and rewinds remember the cursors of
+    recent requests across clients; they are meant for one client at a time.
+    Raises ValueError for a value out of range.
     """
 
     latency: float = 0.0
@@ -71,6 +93,16 @@ class FaultConfig:
     rate_drop: float = 0.0
     rate_truncate: float = 0.0
     seed: int = 0
+    # Stalls.
+    rate_silent: float = 0.0
+    silent_before_headers: bool = False
+    rate_trickle: float = 0.0
+    trickle_bytes: int = 1
+    trickle_interval: float = 2.0
+    # Pagination faults.
+    rate_short_page: float = 0.0
+    rate_cycle: float = 0.0
+    rate_rewind: float = 0.0
 
     # Fields that are probabilities, and fields that are durations.
     SHARES: ClassVar[tuple[str, ...]] = (
@@ -80,8 +112,13 @@ class FaultConfig:
         "html_share",
         "rate_drop",
         "rate_truncate",
+        "rate_silent",
+        "rate_trickle",
+        "rate_short_page",
+        "rate_cycle",
+        "rate_rewind",
     )
-    DURATIONS: ClassVar[tuple[str, ...]] = ("latency", "retry_after")
+    DURATIONS: ClassVar[tuple[str, ...]] = ("latency", "retry_after", "trickle_interval")
 
     def __post_init__(self) -> None:
         for name in self.SHARES:
@@ -91,89 +128,16 @@ class FaultConfig:
         for name in self.DURATIONS:
             if getattr(self, name) < 0:
                 raise ValueError(f"FaultConfig.{name} must be >= 0")
+        # The first group's sum was never checked; keep accepting what it accepted.
+        for group in GROUPS[1:]:
+            rates = [mode.rate for mode in group.modes]
+            if sum(getattr(self, name) for name in rates) > 1.0:
+                raise ValueError(f"FaultConfig.{' + '.join(rates)} must not exceed 1")
+        if self.trickle_bytes < 1:
+            raise ValueError("FaultConfig.trickle_bytes must be >= 1")
 
 
-class Reply(Protocol):
-    """The server's side of one exchange, as a fault sees it (see server._Handler).
-
-    ``log`` must be called before anything is sent, so that a client holding an
-    answer always finds its request in the request log.
-    """
-
-    received: float  # time.monotonic() when the request arrived
-
-    def log(self, status: int | str, retry_after: float | None = None) -> None:
-        """Record the request with ``status`` (an HTTP status or a fault's name)."""
-
-    def head(
-        self,
-        status: int,
-        length: int,
-        *,
-        content_type: str = "application/json",
-        extra: dict[str, str] | None = None,
-    ) -> bytes:
-        """The status line and headers of an answer with ``Content-Length: length``."""
-
-    def write(self, data: bytes) -> bool:
-        """Put raw bytes on the wire now; False if the client has gone away."""
-
-    def send(
-        self,
-        status: int,
-        body: bytes,
-        *,
-        content_type: str = "application/json",
-        extra: dict[str, str] | None = None,
-        cut: int | None = None,
-    ) -> None:
-        """``write(head(...) + body[:cut])``: a full Content-Length, maybe less body."""
-
-    def send_api_error(
-        self, status: int, code: str, message: str, *, extra: dict[str, str] | None = None
-    ) -> None:
-        """Send the API's JSON error body."""
-
-    def hang_up(self) -> None:
-        """Close the connection after this exchange (before ``send``: says so in a header)."""
-
-    def reason(self, status: int) -> str:
-        """The reason phrase of ``status`` (``"Service Unavailable"``)."""
-
-
-class Fault:
-    """A fault decided for one request.  A mode overrides the hooks it needs."""
-
-    rate: ClassVar[str]  # the FaultConfig field holding this mode's probability
-
-    @classmethod
-    def decide(cls, rng: random.Random, config: FaultConfig) -> Fault:
-        """This mode's fault for one request; draws its own choices from ``rng``."""
-        return cls()
-
-    def answer(self, reply: Reply, config: FaultConfig) -> bool:
-        """Answer in place of the server and return True, or return False to go on."""
-        return False
-
-    def shape_page(self, after: Pos | None, limit: int) -> tuple[Pos | None, int]:
-        """Change a ``GET /v1/records`` query (after a valid cursor was checked)."""
-        return after, limit
-
-    def deliver(
-        self,
-        reply: Reply,
-        status: int,
-        body: bytes,
-        *,
-        content_type: str = "application/json",
-        extra: dict[str, str] | None = None,
-    ) -> None:
-        """Send the server's real answer (status and body); faults may mangle it."""
-        reply.log(status)
-        reply.send(status, body, content_type=content_type, extra=extra)
-
-
-NO_FAULT = Fault()  # the hooks' defaults: a request answered as it should be
+# ------------------------------------------------------------------ answers instead of ours
 
 
 class Drop(Fault):
@@ -200,10 +164,11 @@ class Truncate(Fault):
         *,
         content_type: str = "application/json",
         extra: dict[str, str] | None = None,
-    ) -> None:
+    ) -> bool:
         reply.log("truncate")
         reply.hang_up()
         reply.send(status, body, content_type=content_type, extra=extra, cut=len(body) // 2)
+        return True
 
 
 class RateLimited(Fault):
@@ -215,7 +180,7 @@ class RateLimited(Fault):
         self.http_date = http_date
 
     @classmethod
-    def decide(cls, rng: random.Random, config: FaultConfig) -> Fault:
+    def decide(cls, rng: random.Random, config: FaultConfig, query: PageQuery | None) -> Fault:
         return cls(http_date=rng.random() < config.retry_after_http_date_share)
 
     def answer(self, reply: Reply, config: FaultConfig) -> bool:
@@ -244,7 +209,7 @@ class ServerError(Fault):
         self.html = html
 
     @classmethod
-    def decide(cls, rng: random.Random, config: FaultConfig) -> Fault:
+    def decide(cls, rng: random.Random, config: FaultConfig, query: PageQuery | None) -> Fault:
         status = rng.choice((500, 502, 503, 504))
         return cls(status, html=rng.random() < config.html_share)
 
@@ -265,50 +230,136 @@ class ServerError(Fault):
         return True
 
 
-# The modes, in the order their rates are tried from one draw.  Append new modes at the
-# end: the fault sequence of an existing seed then stays the same while their rates are 0.
-MODES: tuple[type[Fault], ...] = (Drop, Truncate, RateLimited, ServerError)
+# ------------------------------------------------------------------------------- stalls
 
 
-class Faults:
-    """The live fault configuration and the RNG that rolls a fault per request.
+class Silent(Fault):
+    """A 200 that never comes: the headers then nothing, or nothing at all."""
 
-    Thread-safe.  Replacing :attr:`config` restarts the RNG from the new seed, so a
-    test that switches faults on gets the same sequence every run.
-    """
+    rate = "rate_silent"
 
-    def __init__(self, config: FaultConfig | None = None) -> None:
-        self._config = config if config is not None else FaultConfig()
-        self._rng = random.Random(self._config.seed)
-        self._lock = threading.Lock()
+    def __init__(self, before_headers: bool) -> None:
+        self.before_headers = before_headers
 
-    @property
-    def config(self) -> FaultConfig:
-        return self._config
+    @classmethod
+    def decide(cls, rng: random.Random, config: FaultConfig, query: PageQuery | None) -> Fault:
+        return cls(config.silent_before_headers)
 
-    @config.setter
-    def config(self, value: FaultConfig) -> None:
-        with self._lock:
-            self._config = value
-            self._rng = random.Random(value.seed)
+    def deliver(
+        self,
+        reply: Reply,
+        status: int,
+        body: bytes,
+        *,
+        content_type: str = "application/json",
+        extra: dict[str, str] | None = None,
+    ) -> bool:
+        if status != 200:
+            return False
+        reply.log("silent")
+        reply.hang_up()  # the client may give up mid-answer
+        head = reply.head(status, len(body), content_type=content_type, extra=extra)
+        if self.before_headers or reply.write(head):
+            while reply.idle(0.05):
+                pass  # until the client leaves or the server stops
+        return True
 
-    def roll(self) -> tuple[Fault, FaultConfig]:
-        """Sleep the configured latency, then decide this request's fault.
 
-        Returns :data:`NO_FAULT` when no mode is rolled, and the configuration the
-        fault's hooks are to read.
-        """
-        if self._config.latency > 0:
-            time.sleep(self._config.latency)
-        with self._lock:
-            config, rng = self._config, self._rng
-            u = rng.random()
-            for mode in MODES:
-                rate: float = getattr(config, mode.rate)
-                if u < rate:
-                    return mode.decide(rng, config), config
-                u -= rate
-            return NO_FAULT, config
+class Trickle(Fault):
+    """A 200 whose body comes ``trickle_bytes`` at a time every ``trickle_interval`` s."""
+
+    rate = "rate_trickle"
+
+    def __init__(self, step: int, interval: float) -> None:
+        self.step = step
+        self.interval = interval
+
+    @classmethod
+    def decide(cls, rng: random.Random, config: FaultConfig, query: PageQuery | None) -> Fault:
+        return cls(config.trickle_bytes, config.trickle_interval)
+
+    def deliver(
+        self,
+        reply: Reply,
+        status: int,
+        body: bytes,
+        *,
+        content_type: str = "application/json",
+        extra: dict[str, str] | None = None,
+    ) -> bool:
+        if status != 200:
+            return False
+        reply.log("trickle")
+        reply.hang_up()  # the client may give up mid-answer
+        if not reply.write(reply.head(status, len(body), content_type=content_type, extra=extra)):
+            return True
+        for start in range(0, len(body), self.step):
+            if not reply.idle(self.interval) or not reply.write(body[start : start + self.step]):
+                return True
+        return True
+
+
+# --------------------------------------------------------------------- pagination faults
+
+
+class ShortPage(Fault):
+    """A page that would be full comes back with 1 to limit-1 records; more follow."""
+
+    rate = "rate_short_page"
+    label = "short_page"
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    @classmethod
+    def decide(cls, rng: random.Random, config: FaultConfig, query: PageQuery | None) -> Fault:
+        assert query is not None, "a page fault is rolled with its page"
+        limit = query.limit
+        return cls(rng.randint(1, limit - 1) if limit > 1 else limit)
+
+    def shape_page(self, query: PageQuery, earlier: str | None) -> bytes | None:
+        items, _ = query.records(query.after, query.limit)
+        if len(items) < query.limit or self.size >= query.limit:
+            return None  # not a full page: nothing to cut
+        items, last = query.records(query.after, self.size)
+        return query.body(items, last, query.sent)
+
+
+class Cycle(Fault):
+    """The right records, under a cursor a request sent before this one's."""
+
+    rate = "rate_cycle"
+    label = "cycle"
+
+    def shape_page(self, query: PageQuery, earlier: str | None) -> bytes | None:
+        if earlier is None:
+            return None  # nothing to go back to yet
+        items, _ = query.records(query.after, query.limit)
+        return query.body(items, None, earlier)
+
+
+class Rewind(Fault):
+    """Records after a cursor a request sent before this one's, under a fresh cursor."""
+
+    rate = "rate_rewind"
+    label = "rewind"
+
+    def shape_page(self, query: PageQuery, earlier: str | None) -> bytes | None:
+        if earlier is None:
+            return None  # nothing to go back to yet
+        items, last = query.records(query.position(earlier), max(1, query.limit - 1))
+        return query.body(items, last, earlier)
+
+
+# The groups, each drawn on its own (see hooks.Group).  Append new modes at the end of a
+# group, or a new group at the end: the fault sequence of an existing seed then stays the
+# same while their rates are 0.
+GROUPS: tuple[Group, ...] = (
+    # Drawn for every request, as they were before there were groups.
+    Group("arrival", (Drop, Truncate, RateLimited, ServerError), always=True),
+    Group("arrival", (Silent, Trickle)),
+    Group("page", (ShortPage, Cycle, Rewind)),
+)
 
 
 # ---------------------------------------------------------------------------- CLI flags
@@ -329,16 +380,6 @@ def non_negative(text: str) -> float:
     return value
 
 
-class Flag(NamedTuple):
-    """A command-line flag setting one FaultConfig field to its value divided by ``per``."""
-
-    flag: str
-    field: str
-    parse: Callable[[str], float]
-    help: str
-    per: float = 1.0  # flag units per field unit (1000 for a flag in ms of a field in s)
-
-
 FLAGS: tuple[Flag, ...] = (
     Flag("--latency-ms", "latency", non_negative, "added to each request", per=1000.0),
     Flag("--fault-429", "rate_429", _rate, "share of 429 answers"),
@@ -346,25 +387,32 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--fault-5xx", "rate_5xx", _rate, "share of 5xx answers"),
     Flag("--fault-drop", "rate_drop", _rate, "share of dropped connections"),
     Flag("--fault-truncate", "rate_truncate", _rate, "share of truncated bodies"),
+    Flag("--fault-silent", "rate_silent", _rate, "share of answers that never come"),
+    Flag(
+        "--silent-before-headers",
+        "silent_before_headers",
+        None,
+        "silent answers send nothing at all (default: the headers, then nothing)",
+    ),
+    Flag("--fault-trickle", "rate_trickle", _rate, "share of bodies sent a little at a time"),
+    Flag("--trickle-bytes", "trickle_bytes", int, "bytes per trickled write (default 1)"),
+    Flag(
+        "--trickle-interval",
+        "trickle_interval",
+        non_negative,
+        "seconds between trickled writes (default 2)",
+    ),
+    Flag(
+        "--fault-short-page",
+        "rate_short_page",
+        _rate,
+        "share of full pages cut short though more records follow",
+    ),
+    Flag("--fault-cycle", "rate_cycle", _rate, "share of pages whose cursor goes back"),
+    Flag(
+        "--fault-rewind",
+        "rate_rewind",
+        _rate,
+        "share of pages serving records older than the previous page",
+    ),
 )
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add every fault flag of :data:`FLAGS`, defaulting to FaultConfig's defaults."""
-    defaults = FaultConfig()
-    for flag in FLAGS:
-        default = getattr(defaults, flag.field) * flag.per
-        parser.add_argument(
-            flag.flag,
-            dest=flag.field,
-            metavar=flag.flag[2:].upper().replace("-", "_"),
-            type=flag.parse,
-            default=default,
-            help=flag.help,
-        )
-
-
-def config_from_args(args: argparse.Namespace, seed: int) -> FaultConfig:
-    """The FaultConfig the parsed flags ask for.  Raises ValueError if it is invalid."""
-    values = {flag.field: getattr(args, flag.field) / flag.per for flag in FLAGS}
-    return FaultConfig(seed=seed, **values)

@@ -1,9 +1,10 @@
 """The HTTP side: a ThreadingHTTPServer answering ``GET /v1/records`` from a Stream.
 
-HTTP/1.1 with keep-alive.  Per request: the fault roll (:mod:`worker.simulator.faults`),
-then auth and parameter checks, then a page of the stream, then the answer, each step
-logged in the :class:`RequestLog` just before the answer is sent (so a client that has
-an answer finds its request logged).
+HTTP/1.1 with keep-alive.  Per request: the faults rolled on arrival
+(:mod:`worker.simulator.injector`), then auth and parameter checks, then a page of the
+stream (where page faults are rolled), then the answer, each request logged in the
+:class:`RequestLog` just before its answer is sent (so a client that has an answer finds
+its request logged).
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ import contextlib
 import email.utils
 import hmac
 import re
+import select
 import socket
 import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, NamedTuple, cast
 from urllib.parse import parse_qs, urlsplit
@@ -24,8 +27,8 @@ from urllib.parse import parse_qs, urlsplit
 import orjson
 
 from worker.simulator.cursors import InvalidCursor
-from worker.simulator.faults import Fault, Faults
-from worker.simulator.stream import DEFAULT_LIMIT, MAX_LIMIT, Stream
+from worker.simulator.injector import Faults
+from worker.simulator.stream import DEFAULT_LIMIT, MAX_LIMIT, PageQuery, Stream
 
 __all__ = ["RECORDS_PATH", "RequestLog", "RequestLogEntry", "Server"]
 
@@ -39,8 +42,10 @@ class RequestLogEntry(NamedTuple):
 
     ``time`` is ``time.monotonic()`` when the request was received; ``params`` the
     query parameters (last value wins); ``status`` the HTTP status sent, or
-    ``"drop"`` / ``"truncate"``.  ``retry_after`` is set for 429 answers only and
-    counts from ``time``: a client honouring the ``Retry-After`` header cannot
+    ``"drop"`` / ``"truncate"``, or (a 200 altered by a fault) ``"silent"`` /
+    ``"trickle"`` / ``"short_page"`` / ``"cycle"`` / ``"rewind"``.
+    ``retry_after`` is set for 429 answers only and counts from ``time``: a client
+    honouring the ``Retry-After`` header cannot
     send its next request before ``time + retry_after``.  (It is at least the
     header's value; latency and the rounding of HTTP-dates make it larger.)
     """
@@ -82,6 +87,7 @@ class Server(ThreadingHTTPServer):
     """Serves ``stream`` to bearer ``token`` with ``faults``, logging into ``log``.
 
     Tracks connections so that :meth:`close_connections` can end idle keep-alives.
+    Answers that wait (stalls) end when ``stopping`` is set.
     """
 
     daemon_threads = True
@@ -95,6 +101,7 @@ class Server(ThreadingHTTPServer):
         token: str,
         faults: Faults,
         log: RequestLog,
+        stopping: threading.Event,
     ) -> None:
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
@@ -102,6 +109,7 @@ class Server(ThreadingHTTPServer):
         self.token = token
         self.faults = faults
         self.log = log
+        self.stopping = stopping
         self.accepted = 0
         self._conns: set[socket.socket] = set()
         self._conns_lock = threading.Lock()
@@ -132,9 +140,13 @@ class Server(ThreadingHTTPServer):
         super().handle_error(request, client_address)
 
     def records_body(
-        self, params: dict[str, str], authorization: str | None, fault: Fault
+        self,
+        params: dict[str, str],
+        authorization: str | None,
+        serve: Callable[[PageQuery], bytes],
     ) -> bytes:
-        """The body of a 200 answer to GET /v1/records, or raise _HTTPError."""
+        """The body of a 200 answer to GET /v1/records (``serve`` serves a valid query),
+        or raise _HTTPError."""
         scheme, _, token = (authorization or "").strip().partition(" ")
         if not authorization:
             raise _HTTPError(401, "unauthorized", "missing Authorization: Bearer <token> header")
@@ -162,7 +174,7 @@ class Server(ThreadingHTTPServer):
             filters["sync_id"], filters["provider"], filters["collection"]
         )
         try:
-            return self.stream.page(params.get("after_cursor"), limit, flt, fault.shape_page)
+            return self.stream.page(params.get("after_cursor"), limit, flt, serve)
         except InvalidCursor:
             raise _HTTPError(400, "invalid_cursor", "invalid cursor") from None
 
@@ -200,8 +212,8 @@ class _Handler(BaseHTTPRequestHandler):
         server = cast("Server", self.server)
         split = urlsplit(self.path)
         self._params = {k: v[-1] for k, v in parse_qs(split.query, keep_blank_values=True).items()}
-        fault, config = server.faults.roll()
-        if fault.answer(self, config):
+        faults = server.faults.request()
+        if faults.answer(self):
             return
         status: int
         if split.path != RECORDS_PATH:
@@ -209,7 +221,8 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             authorization = self.headers.get("Authorization")
             try:
-                status, body = 200, server.records_body(self._params, authorization, fault)
+                body = server.records_body(self._params, authorization, faults.serve_page)
+                status = 200
             except _HTTPError as exc:
                 status, body = exc.status, _error_body(exc.code, exc.message)
             except Exception:
@@ -217,7 +230,7 @@ class _Handler(BaseHTTPRequestHandler):
                 traceback.print_exc()
                 status, body = 500, _error_body("simulator_bug", "unexpected error in simulator")
         extra = {"WWW-Authenticate": 'Bearer realm="sequin"'} if status == 401 else None
-        fault.deliver(self, status, body, extra=extra)
+        faults.deliver(self, status, body, extra=extra)
 
     # ------------------------------------------------------------------ faults.Reply
 
@@ -265,6 +278,17 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True  # the client went away; nothing to tell it
             return False
         return True
+
+    def idle(self, seconds: float) -> bool:
+        if cast("Server", self.server).stopping.wait(seconds):
+            return False
+        # Readable with nothing to read: the client closed (or reset) the connection.
+        conn = self.connection
+        try:
+            readable, _, _ = select.select([conn], [], [], 0)
+            return not (readable and conn.recv(1, socket.MSG_PEEK) == b"")
+        except OSError:
+            return False
 
     def send(
         self,

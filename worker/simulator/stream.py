@@ -36,14 +36,10 @@ from worker.simulator.cursors import START_CURSOR, InvalidCursor, decode_cursor,
 from worker.simulator.dataset import Dataset, Pos
 from worker.simulator.timestamps import parse_ts
 
-__all__ = ["DEFAULT_LIMIT", "MAX_LIMIT", "Filter", "PageShaper", "Stream"]
+__all__ = ["DEFAULT_LIMIT", "MAX_LIMIT", "Filter", "PageQuery", "Stream"]
 
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 500
-
-# A hook that may change a page query before it runs: (after, limit) -> (after, limit).
-# What a fault uses to shape pages (see faults.Fault.shape_page).
-PageShaper = Callable[[Pos | None, int], tuple[Pos | None, int]]
 
 # ---------------------------------------------------------------------------- the stream
 
@@ -272,27 +268,24 @@ class Stream:
         raise InvalidCursor("unknown position")
 
     def page(
-        self, sent: str | None, limit: int, flt: Filter, shape: PageShaper | None = None
+        self,
+        sent: str | None,
+        limit: int,
+        flt: Filter,
+        serve: Callable[[PageQuery], bytes] | None = None,
     ) -> bytes:
         """The body of a 200 answer: up to ``limit`` records after cursor ``sent``.
 
-        ``shape`` may change the query after the cursor is checked (a fault's hook).
         The cursor returned names the last record sent; a page with no record hands
         back the cursor sent (or the start cursor when none was).  Raises InvalidCursor
-        for a cursor that names no position of this stream.
+        for a cursor that names no position of this stream.  ``serve``, when given, is
+        called with the checked query instead and returns the body (a fault's hook).
         """
         after = self.check_cursor(sent) if sent is not None else None
-        if shape is not None:
-            after, limit = shape(after, limit)
-        items, last = self._items(after, limit, flt)
-        if last is not None:
-            cursor = position_cursor(last)
-        else:
-            # Nothing new: the same cursor back, or the start of the stream.
-            cursor = sent if sent is not None else START_CURSOR
-        return b'{"records":[' + b",".join(items) + b'],"cursor":"' + cursor.encode() + b'"}'
+        query = PageQuery(self, flt, sent, after, limit)
+        return serve(query) if serve is not None else query.answer()
 
-    def _items(self, after: Pos | None, limit: int, flt: Filter) -> tuple[list[bytes], Pos | None]:
+    def items(self, after: Pos | None, limit: int, flt: Filter) -> tuple[list[bytes], Pos | None]:
         """Up to ``limit`` serialised records after ``after`` matching ``flt``.
 
         Returns them with the position of the last one (None if there are none).
@@ -390,3 +383,46 @@ class Stream:
                 and flt.matches(extra.sync_id, extra.collection_id)
             )
         return base + extras
+
+
+class PageQuery:
+    """A checked ``GET /v1/records`` query: the page it asks for, and what a fault may bend.
+
+    ``sent`` is the cursor the client sent (None: none), ``after`` the position it names
+    (None: the start of the stream), ``limit`` the page size asked for.
+    """
+
+    __slots__ = ("_flt", "_stream", "after", "limit", "sent")
+
+    def __init__(
+        self, stream: Stream, flt: Filter, sent: str | None, after: Pos | None, limit: int
+    ) -> None:
+        self._stream = stream
+        self._flt = flt
+        self.sent = sent
+        self.after = after
+        self.limit = limit
+
+    def answer(self) -> bytes:
+        """The true page."""
+        items, last = self.records(self.after, self.limit)
+        return self.body(items, last, self.sent)
+
+    def records(self, after: Pos | None, limit: int) -> tuple[list[bytes], Pos | None]:
+        """Up to ``limit`` records after ``after`` under this query's filters, and the
+        position of the last one (None if there are none)."""
+        return self._stream.items(after, limit, self._flt)
+
+    def position(self, cursor: str) -> Pos | None:
+        """The position ``cursor`` names; InvalidCursor if it names none of this stream."""
+        return self._stream.check_cursor(cursor)
+
+    @staticmethod
+    def body(items: list[bytes], last: Pos | None, fallback: str | None) -> bytes:
+        """A page of ``items`` whose cursor names ``last``; without ``last``, the cursor
+        ``fallback`` (or the start cursor when that is None too)."""
+        if last is not None:
+            cursor = position_cursor(last)
+        else:
+            cursor = fallback if fallback is not None else START_CURSOR
+        return b'{"records":[' + b",".join(items) + b'],"cursor":"' + cursor.encode() + b'"}'
