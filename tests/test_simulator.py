@@ -920,3 +920,25 @@ def test_cli_stall_and_paging_flags() -> None:
         "--fault-rewind",
     ):
         assert flag in result.stdout
+
+
+def test_simulator_imports_nothing_of_the_worker() -> None:
+    # Independence from the client is what makes agreement between them mean something:
+    # the whole package (CLI included) loads without any other worker module, nor the
+    # client's HTTP and database libraries.
+    probe = (
+        "import sys, worker.simulator\n"
+        "bad = sorted(m for m in sys.modules if (m.startswith('worker.')"
+        " and not m.startswith('worker.simulator')) or m.split('.')[0] in"
+        " ('requests', 'psycopg', 'structlog', 'pydantic', 'pydantic_settings', 'msgspec'))\n"
+        "print(','.join(bad))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=True,
+    )
+    assert result.stdout.strip() == ""
