@@ -131,7 +131,8 @@ class TimedQueue(queue.Queue[Any]):
 
 def instrument(timers: Timers, pg_pids: list[int], batch_pages: Counter[int]) -> None:
     """Install the wrappers on the worker's modules (this process only)."""
-    from worker import api, store, sync
+    from worker import api, sync
+    from worker.pg import store
 
     names: dict[int, str] = {}
     init = store.PgStore.__init__
@@ -437,7 +438,7 @@ def _drop_low_cardinality_indexes(dsn: str, schema: str) -> None:
     from psycopg import sql
 
     from worker import logs
-    from worker.migrations import migrate
+    from worker.pg.migrations import migrate
 
     logs.configure("warning", "json")
     with psycopg.connect(dsn, autocommit=True) as conn:

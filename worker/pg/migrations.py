@@ -11,20 +11,11 @@ from __future__ import annotations
 import psycopg
 import structlog
 
-from worker import sqlfiles
-from worker.locks import migration_lock_key
-from worker.pgconn import DbTimeouts
+from worker.pg import sqlfiles
+from worker.pg.connection import DbTimeouts, translated
+from worker.pg.locks import migration_lock_key
 
-log = structlog.get_logger("worker.migrations")
-
-_BOOTSTRAP = """
-CREATE SCHEMA IF NOT EXISTS {schema};
-CREATE TABLE IF NOT EXISTS {schema}.schema_migrations (
-    version    integer     PRIMARY KEY,
-    name       text        NOT NULL,
-    applied_at timestamptz NOT NULL DEFAULT now()
-)
-"""
+log = structlog.get_logger("worker.pg.migrations")
 
 
 def migrate(
@@ -48,19 +39,14 @@ def migrate(
         raise ValueError("migrate() needs an autocommit connection")
     t = timeouts or DbTimeouts.default()
     key = migration_lock_key(schema)
-    conn.execute("SELECT set_config('lock_timeout', %s, false)", (f"{int(t.statement * 1000)}",))
-    conn.execute("SELECT pg_advisory_lock(%s)", (key,))
-    ddl_lock_timeout = f"{int(t.wait * 1000)}"
+    set_lock_timeout = sqlfiles.statement("set_lock_timeout")
+    conn.execute(set_lock_timeout, {"timeout": f"{int(t.statement * 1000)}"})
+    conn.execute(sqlfiles.statement("advisory_lock"), {"key": key})
     try:
-        conn.execute("SELECT set_config('lock_timeout', %s, false)", (ddl_lock_timeout,))
+        conn.execute(set_lock_timeout, {"timeout": f"{int(t.wait * 1000)}"})
         # CREATE SCHEMA IF NOT EXISTS can still race without the lock; we hold it.
-        conn.execute(sqlfiles.render(_BOOTSTRAP, schema))
-        applied = {
-            row[0]
-            for row in conn.execute(
-                sqlfiles.render("SELECT version FROM {schema}.schema_migrations", schema)
-            )
-        }
+        conn.execute(sqlfiles.query("bootstrap_migrations", schema))
+        applied = {row[0] for row in conn.execute(sqlfiles.query("migrations_applied", schema))}
         done: list[int] = []
         for m in sqlfiles.migrations():
             if m.version in applied:
@@ -68,31 +54,26 @@ def migrate(
             with conn.transaction():
                 conn.execute(m.statement(schema))
                 conn.execute(
-                    sqlfiles.render(
-                        "INSERT INTO {schema}.schema_migrations (version, name) VALUES (%s, %s)",
-                        schema,
-                    ),
-                    (m.version, m.name),
+                    sqlfiles.query("migration_record", schema),
+                    {"version": m.version, "name": m.name},
                 )
             log.info("migration_applied", version=m.version, name=m.name, schema=schema)
             done.append(m.version)
         return done
     finally:
-        conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
+        conn.execute(sqlfiles.statement("advisory_unlock"), {"key": key})
 
 
 def pending(conn: psycopg.Connection[tuple[object, ...]], schema: str) -> list[int]:
-    """Versions not yet applied (all of them when the schema does not exist)."""
+    """Versions not yet applied (all of them when the schema does not exist). Raises
+    :class:`~worker.errors.StoreFailure`."""
+    with translated():
+        return _pending(conn, schema)
+
+
+def _pending(conn: psycopg.Connection[tuple[object, ...]], schema: str) -> list[int]:
     known = [m.version for m in sqlfiles.migrations()]
-    exists = conn.execute(
-        "SELECT to_regclass(%s) IS NOT NULL", (f'"{schema}".schema_migrations',)
-    ).fetchone()
-    if not exists or not exists[0]:
+    if not sqlfiles.table_exists(conn, schema, "schema_migrations"):
         return known
-    applied = {
-        row[0]
-        for row in conn.execute(
-            sqlfiles.render("SELECT version FROM {schema}.schema_migrations", schema)
-        )
-    }
+    applied = {row[0] for row in conn.execute(sqlfiles.query("migrations_applied", schema))}
     return [v for v in known if v not in applied]
