@@ -26,18 +26,22 @@ def migrate(
     """Bring ``schema`` up to date. Returns the versions this call applied.
 
     ``conn`` must be in autocommit mode (the lock is session-level and each migration takes
-    its own transaction). Raises :class:`psycopg.Error` if a migration fails; that migration
-    is rolled back and the ones before it stay applied.
+    its own transaction). Raises :class:`~worker.errors.StoreFailure` if a migration fails;
+    that migration is rolled back and the ones before it stay applied.
 
     Bounded waits: another process's migrations are waited for at most
     ``timeouts.statement`` seconds, and every DDL statement waits at most ``timeouts.wait``
     for its table lock (a DDL queued behind a long query would block every reader and writer
-    of that table meanwhile). Either raises :class:`psycopg.errors.LockNotAvailable`: a
-    transient failure, retried by the caller.
+    of that table meanwhile). Either raises :class:`~worker.errors.StoreFailure` of class
+    ``transient`` (SQLSTATE 55P03, lock not available), retried by the caller.
     """
     if not conn.autocommit:
         raise ValueError("migrate() needs an autocommit connection")
-    t = timeouts or DbTimeouts.default()
+    with translated():
+        return _migrate(conn, schema, timeouts or DbTimeouts.default())
+
+
+def _migrate(conn: psycopg.Connection[tuple[object, ...]], schema: str, t: DbTimeouts) -> list[int]:
     key = migration_lock_key(schema)
     set_lock_timeout = sqlfiles.statement("set_lock_timeout")
     conn.execute(set_lock_timeout, {"timeout": f"{int(t.statement * 1000)}"})
