@@ -32,8 +32,8 @@ TARGETS: dict[str, str] = {
     "validate": "worker.records.parse_page",  # items -> rows and dead letters
     "prefetch": "worker.sync.Prefetcher.start",  # to time its (public) queue
     "loop": "worker.sync.SyncLoop.run",  # the applying thread, whole
-    "connect": "worker.store.PgStore.connect",  # to learn the backend's pid
-    "apply": "worker.store.PgStore.apply",  # one batch, one transaction
+    "connect": "worker.pg.store.PgStore.connect",  # to learn the backend's pid
+    "apply": "worker.pg.store.PgStore.apply",  # one batch, one transaction
     "dedup": "worker.model.Batch.rows",  # the newest version of each key
     # psycopg's public API: the statements, the COPY block and the transaction's end.
     "execute": "psycopg.Cursor.execute",

@@ -1,4 +1,5 @@
--- Named queries of the Postgres store. Each starts with a "-- name: <name>" line.
+-- Named queries of the Postgres adapters (worker/pg/). Each starts with a "-- name: <name>"
+-- line followed by a one-line "--" description (tests check both).
 -- {schema} is replaced by the quoted SEQUIN_DB_SCHEMA; %(x)s are bound parameters.
 
 -- name: create_stage
@@ -17,6 +18,7 @@ CREATE TEMP TABLE IF NOT EXISTS pg_temp.sequin_stage (
 ) ON COMMIT DELETE ROWS
 
 -- name: copy_stage
+-- Binary COPY of one batch into the staging table (column types: STAGE_TYPES in worker/pg/rows.py).
 COPY pg_temp.sequin_stage (collection_id, upstream_id, sync_id, upstream_updated_at, created_at, deleted, data)
 FROM STDIN (FORMAT BINARY)
 
@@ -44,6 +46,7 @@ WITH changed AS (
 SELECT collection_id, deleted, count(*) FROM changed GROUP BY collection_id, deleted
 
 -- name: apply_hard_deletes
+-- Hard delete mode: removes the rows the batch deletes, under the same version guard as upsert_rows.
 WITH gone AS (
     DELETE FROM {schema}.records AS r
     USING pg_temp.sequin_stage AS s
@@ -76,25 +79,31 @@ UPDATE {schema}.cursors SET
 WHERE consumer = %(consumer)s
 
 -- name: clear_stage
+-- Empties the staging table inside a transaction (before the row-by-row fallback re-stages).
 DELETE FROM pg_temp.sequin_stage
 
 -- name: insert_dead_letter
+-- One dead letter: a record kept verbatim, with why it was refused and the cursor it came after.
 INSERT INTO {schema}.dead_letters (consumer, after_cursor, collection_id, upstream_id, reason, raw)
 VALUES (%(consumer)s, %(after_cursor)s, %(collection_id)s, %(upstream_id)s, %(reason)s, %(raw)s)
 
 -- name: ensure_consumer
+-- Creates the consumer's cursor row with its filters the first time it runs.
 INSERT INTO {schema}.cursors (consumer, sync_id, provider, collection, delete_mode)
 VALUES (%(consumer)s, %(sync_id)s, %(provider)s, %(collection)s, %(delete_mode)s)
 ON CONFLICT (consumer) DO NOTHING
 
 -- name: get_consumer
+-- The consumer's stored cursor, filters and delete mode.
 SELECT consumer, cursor, sync_id, provider, collection, delete_mode
 FROM {schema}.cursors WHERE consumer = %(consumer)s
 
 -- name: set_delete_mode
+-- Records a changed SEQUIN_DELETE_MODE on the consumer's row.
 UPDATE {schema}.cursors SET delete_mode = %(delete_mode)s WHERE consumer = %(consumer)s
 
 -- name: reset_consumer
+-- `sequin-worker reset`: forgets the consumer's cursor (its rows stay).
 DELETE FROM {schema}.cursors WHERE consumer = %(consumer)s
 
 -- name: notify
@@ -102,6 +111,7 @@ DELETE FROM {schema}.cursors WHERE consumer = %(consumer)s
 SELECT pg_notify(%(channel)s, %(payload)s)
 
 -- name: status_consumers
+-- `sequin-worker status`: every consumer with its progress and dead-letter count.
 SELECT c.consumer, c.sync_id, c.provider, c.collection, c.delete_mode, c.cursor,
        c.records_applied, c.pages_applied, c.last_upstream_updated_at, c.updated_at,
        c.created_at,
@@ -110,6 +120,7 @@ FROM {schema}.cursors c
 ORDER BY c.consumer
 
 -- name: status_collections
+-- `sequin-worker status`: live and deleted rows and the newest version per collection.
 SELECT collection_id,
        count(*) FILTER (WHERE NOT deleted) AS live,
        count(*) FILTER (WHERE deleted) AS deleted,
@@ -191,3 +202,91 @@ SET columns = EXCLUDED.columns, column_map = EXCLUDED.column_map, refreshed_at =
 -- Whether any relation of this name exists in the schema.
 SELECT 1 FROM pg_class c JOIN pg_namespace s ON s.oid = c.relnamespace
 WHERE s.nspname = %(schema)s AND c.relname = %(name)s
+
+-- name: session_settings
+-- Our session bounds as ceilings: each setting takes our value unless a stricter one (set on
+-- the role or database) is already in force.
+SELECT set_config(s.name,
+                  CASE WHEN p.setting::bigint > 0 AND p.setting::bigint < s.value::bigint
+                       THEN p.setting ELSE s.value END,
+                  false)
+FROM unnest(%(names)s::text[], %(values)s::text[]) AS s(name, value)
+LEFT JOIN pg_settings p ON p.name = s.name
+
+-- name: ping
+-- A trivial round trip: the database answers (readiness, the leader's lock-connection ping).
+SELECT 1
+
+-- name: server_version
+-- `sequin-worker check`: the server's version, shown with the database check.
+SHOW server_version
+
+-- name: table_exists
+-- Whether a table exists; %(table)s is its quoted qualified name ("schema".table).
+SELECT to_regclass(%(table)s) IS NOT NULL
+
+-- name: set_lock_timeout
+-- Session lock_timeout for what follows (migrations: the wait for their lock, then each DDL).
+SELECT set_config('lock_timeout', %(timeout)s, false)
+
+-- name: set_local_lock_timeout
+-- lock_timeout for the rest of the current transaction only (a view refresh).
+SELECT set_config('lock_timeout', %(timeout)s, true)
+
+-- name: set_idle_session_timeout
+-- The lock connection's idle_session_timeout: the server ends a dead leader's session (and
+-- its lock) by itself (Postgres 14+).
+SELECT set_config('idle_session_timeout', %(timeout)s, false)
+
+-- name: advisory_lock
+-- Waits (up to lock_timeout) for a session advisory lock: migrations take turns under it.
+SELECT pg_advisory_lock(%(key)s)
+
+-- name: try_advisory_lock
+-- Takes a session advisory lock if free, without waiting: the consumer's leadership.
+SELECT pg_try_advisory_lock(%(key)s)
+
+-- name: advisory_unlock
+-- Releases a session advisory lock taken by advisory_lock or try_advisory_lock.
+SELECT pg_advisory_unlock(%(key)s)
+
+-- name: advisory_xact_lock
+-- A transaction advisory lock, released at commit: concurrent view refreshes take turns.
+SELECT pg_advisory_xact_lock(%(key)s)
+
+-- name: bootstrap_migrations
+-- The schema and the table of applied migrations, before the first migration runs.
+CREATE SCHEMA IF NOT EXISTS {schema};
+CREATE TABLE IF NOT EXISTS {schema}.schema_migrations (
+    version    integer     PRIMARY KEY,
+    name       text        NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+)
+
+-- name: migrations_applied
+-- Versions of the migrations already applied to the schema.
+SELECT version FROM {schema}.schema_migrations
+
+-- name: migration_record
+-- Marks a migration applied, in the same transaction as the migration itself.
+INSERT INTO {schema}.schema_migrations (version, name) VALUES (%(version)s, %(name)s)
+
+-- name: drop_view
+-- Drops a view of ours before it is recreated with other columns ({view}: sql.Identifier).
+DROP VIEW IF EXISTS {schema}.{view}
+
+-- name: drop_schema
+-- `sequin-worker demo`: starts from an empty demo schema (never the configured one).
+DROP SCHEMA IF EXISTS {schema} CASCADE
+
+-- name: demo_summary
+-- `sequin-worker demo`: live, deleted and dead-lettered rows per collection.
+SELECT c.collection_id,
+       count(*) FILTER (WHERE r.collection_id IS NOT NULL AND NOT r.deleted),
+       count(*) FILTER (WHERE r.deleted),
+       (SELECT count(*) FROM {schema}.dead_letters d WHERE d.collection_id = c.collection_id)
+FROM (SELECT DISTINCT collection_id FROM {schema}.records
+      UNION SELECT DISTINCT collection_id FROM {schema}.dead_letters
+      WHERE collection_id IS NOT NULL) c
+LEFT JOIN {schema}.records r ON r.collection_id = c.collection_id
+GROUP BY c.collection_id ORDER BY c.collection_id

@@ -17,7 +17,7 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from worker.migrations import migrate
+from worker.pg.migrations import migrate
 
 SCHEMA = "sequin"
 

@@ -31,7 +31,7 @@ import requests
 from structlog.testing import capture_logs
 
 from tests.helpers import TOKEN, assert_table_matches, run_cli, settings, spawn_cli, worker_env
-from worker.locks import consumer_lock_key
+from worker.pg.locks import consumer_lock_key
 from worker.service import Outcome, run_consumer
 from worker.simulator import FaultConfig, Simulator
 from worker.sync import LoopState

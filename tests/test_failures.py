@@ -28,8 +28,8 @@ from tests.test_store import T, apply_pages, make_store, raw
 from worker.errors import StoreFailure
 from worker.failures import FAILURE_CLASSES, RetryBudget, classify, what_to_fix
 from worker.metrics import Metrics
-from worker.migrations import migrate
 from worker.ops import OpsServer
+from worker.pg.migrations import migrate
 from worker.service import run_consumer
 from worker.simulator import Simulator
 from worker.sync import LoopState

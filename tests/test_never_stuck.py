@@ -33,13 +33,13 @@ from tests.test_crash import (
     worker_backends,
 )
 from tests.test_store import make_store
-from worker.lease import Lease
-from worker.locks import consumer_lock_key
 from worker.model import ApplyResult, Batch
-from worker.pgconn import DbTimeouts
+from worker.pg.connection import DbTimeouts
+from worker.pg.lease import Lease
+from worker.pg.locks import consumer_lock_key
+from worker.pg.store import notify_payload
 from worker.records import parse_page
 from worker.simulator import FaultConfig, Simulator
-from worker.store import notify_payload
 
 pytestmark = pytest.mark.crash
 

@@ -20,11 +20,11 @@ from structlog.testing import capture_logs
 
 from tests.conftest import fetch_one
 from tests.helpers import ROOT, TOKEN, run_cli, settings, worker_env
+from worker.pg.views import infer_type, plan_columns, sanitise_name, view_name
 from worker.service import run_consumer
 from worker.simulator import FaultConfig, Simulator
 from worker.status import Progress, human_duration
 from worker.sync import LoopState, Totals
-from worker.views import infer_type, plan_columns, sanitise_name, view_name
 
 
 @pytest.fixture

@@ -9,11 +9,11 @@ import psycopg
 import pytest
 
 from tests.conftest import SCHEMA, fetch_one, fetch_rows
-from worker import sqlfiles
 from worker.errors import ConsumerMismatch, CursorConflict, StoreFailure
 from worker.model import Batch, ConsumerConfig
+from worker.pg import sqlfiles
+from worker.pg.store import PgStore
 from worker.records import parse_page
-from worker.store import PgStore
 
 
 def raw(

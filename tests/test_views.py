@@ -24,10 +24,10 @@ import requests
 
 from tests.helpers import ROOT, TOKEN, run_cli, settings, worker_env
 from tests.test_ops import free_port, wait_for
-from worker import sqlfiles
+from worker.pg import sqlfiles
+from worker.pg.views import Column, plan_columns
 from worker.service import run_consumer
 from worker.simulator import Simulator
-from worker.views import Column, plan_columns
 
 VIEW = "sequin.acme_widget"
 

@@ -260,7 +260,7 @@ def test_lost_database_connection_is_recovered(db: str) -> None:
 
 
 def test_concurrent_migrations_apply_each_version_once(empty_db: str) -> None:
-    from worker.migrations import migrate
+    from worker.pg.migrations import migrate
 
     errors: list[BaseException] = []
 

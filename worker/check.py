@@ -13,9 +13,6 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
-import psycopg
-
-from worker import migrations, sqlfiles
 from worker.api import SequinClient
 from worker.config import Settings, load_settings
 from worker.errors import (
@@ -23,10 +20,13 @@ from worker.errors import (
     ConfigError,
     RequestRejected,
     Stopped,
+    StoreFailure,
     StoreUnavailable,
     TokenRejected,
 )
-from worker.store import connect
+from worker.pg import migrations, sqlfiles
+from worker.pg.connection import connect, translated
+from worker.pg.store import filters_mismatch
 
 OK, FAIL = "✓", "✗"
 
@@ -107,12 +107,12 @@ def _check_database(c: Checks, settings: Settings) -> None:
         c.fail("database", str(exc), "check DATABASE_URL; is Postgres running and reachable?")
         c.fail("migrations", "not checked", "the database must answer first")
         return
-    with conn:
-        row = conn.execute("SHOW server_version").fetchone()
+    with conn, translated():
+        row = conn.execute(sqlfiles.statement("server_version")).fetchone()
         c.ok("database", f"connected, PostgreSQL {row[0] if row else '?'}")
         try:
             pending = migrations.pending(conn, settings.db_schema)
-        except psycopg.Error as exc:
+        except StoreFailure as exc:
             c.fail("migrations", str(exc).splitlines()[0], "does the role have access to it?")
             return
         if pending:
@@ -130,7 +130,7 @@ def _check_database(c: Checks, settings: Settings) -> None:
             c.ok("consumer", f"{settings.consumer!r} is new: the first run starts at the beginning")
             return
         stored = {"sync_id": row[2], "provider": row[3], "collection": row[4]}
-        if stored != settings.filters:
+        if filters_mismatch(settings.consumer, stored, settings.filters):
             c.fail(
                 "consumer",
                 f"{settings.consumer!r} was created with other filters "

@@ -28,7 +28,8 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from types import FrameType
 from typing import NoReturn
 
@@ -53,9 +54,10 @@ from worker.errors import (
     TokenRejected,
 )
 from worker.metrics import Metrics
-from worker.migrations import migrate
 from worker.ops import OpsServer
-from worker.pgconn import DbTimeouts
+from worker.pg.connection import Conn, DbTimeouts
+from worker.pg.migrations import migrate
+from worker.pg.sqlfiles import table_exists
 from worker.status import Progress
 from worker.sync import LoopState, Totals
 
@@ -226,7 +228,7 @@ def cmd_sync(args: argparse.Namespace, mode: str) -> int:
 
 
 def _start_ops(settings: Settings, state: LoopState, metrics: Metrics) -> OpsServer:
-    from worker.store import ping
+    from worker.pg.connection import ping
 
     assert settings.database_url is not None
     dsn = settings.database_url.get_secret_value()
@@ -249,16 +251,28 @@ def _start_ops(settings: Settings, state: LoopState, metrics: Metrics) -> OpsSer
     return ops
 
 
-def cmd_migrate(_args: argparse.Namespace) -> int:
-    from worker.store import connect
+@contextmanager
+def _database(settings: Settings) -> Iterator[Conn]:
+    """The one preamble of the database commands (migrate, reset, status, views): an
+    autocommit connection bounded by the settings' timeouts. Every database error inside
+    leaves as :class:`StoreFailure` (exit 6), never as a psycopg error."""
+    from worker.pg.connection import connect, translated
 
-    settings = _settings(("database_url",))
     assert settings.database_url is not None
-    with connect(
-        settings.database_url.get_secret_value(),
-        autocommit=True,
-        timeouts=DbTimeouts.from_settings(settings),
-    ) as conn:
+    with (
+        connect(
+            settings.database_url.get_secret_value(),
+            autocommit=True,
+            timeouts=DbTimeouts.from_settings(settings),
+        ) as conn,
+        translated(),
+    ):
+        yield conn
+
+
+def cmd_migrate(_args: argparse.Namespace) -> int:
+    settings = _settings(("database_url",))
+    with _database(settings) as conn:
         applied = migrate(conn, settings.db_schema, DbTimeouts.from_settings(settings))
     print(
         f"schema {settings.db_schema}: applied {applied}"
@@ -269,10 +283,9 @@ def cmd_migrate(_args: argparse.Namespace) -> int:
 
 
 def cmd_reset(args: argparse.Namespace) -> int:
-    from worker.store import reset_consumer
+    from worker.pg.store import reset_consumer
 
     settings = _settings(("database_url",))
-    assert settings.database_url is not None
     name = args.consumer or settings.consumer
     if not args.yes:
         raise Exit(
@@ -280,27 +293,17 @@ def cmd_reset(args: argparse.Namespace) -> int:
             f"this deletes the cursor of consumer {name!r}: its next run starts from the "
             "beginning of the stream. Repeat with --yes to do it.",
         )
-    found = reset_consumer(
-        settings.database_url.get_secret_value(),
-        settings.db_schema,
-        name,
-        DbTimeouts.from_settings(settings),
-    )
+    with _database(settings) as conn:
+        found = reset_consumer(conn, settings.db_schema, name)
     print(f"consumer {name!r}: " + ("cursor deleted" if found else "no such consumer"))
     return EXIT_OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     from worker.status import read_status, render_status
-    from worker.store import connect
 
     settings = _settings(("database_url",))
-    assert settings.database_url is not None
-    with connect(
-        settings.database_url.get_secret_value(),
-        autocommit=True,
-        timeouts=DbTimeouts.from_settings(settings),
-    ) as conn:
+    with _database(settings) as conn:
         status = read_status(conn, settings.db_schema)
     if args.json:
         print(orjson.dumps(status.as_json(), option=orjson.OPT_INDENT_2).decode())
@@ -310,18 +313,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_views(_args: argparse.Namespace) -> int:
-    from worker.status import schema_exists
-    from worker.store import connect
-    from worker.views import LOCK_TIMEOUT_MS, all_collections, refresh_views
+    from worker.pg.views import LOCK_TIMEOUT_MS, all_collections, refresh_views
 
     settings = _settings(("database_url",))
-    assert settings.database_url is not None
-    with connect(
-        settings.database_url.get_secret_value(),
-        autocommit=True,
-        timeouts=DbTimeouts.from_settings(settings),
-    ) as conn:
-        if not schema_exists(conn, settings.db_schema):
+    with _database(settings) as conn:
+        if not table_exists(conn, settings.db_schema, "cursors"):
             raise SchemaMissing(
                 f"schema {settings.db_schema!r} has no worker tables: run `sequin-worker migrate`"
             )

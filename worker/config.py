@@ -89,7 +89,7 @@ class Settings(BaseSettings):
         5000, ge=1, le=1_000_000, validation_alias=_env("SEQUIN_BATCH_MAX_RECORDS")
     )
     prefetch_pages: int = Field(8, ge=1, le=64, validation_alias=_env("SEQUIN_PREFETCH_PAGES"))
-    # Bounds every wait on Postgres that should be short; see worker.store.DbTimeouts for
+    # Bounds every wait on Postgres that should be short; see worker.pg.connection.DbTimeouts for
     # what is derived from it (lock_timeout, keepalives, lease ping, shutdown steps).
     db_timeout: float = Field(10.0, ge=2, le=600, validation_alias=_env("SEQUIN_DB_TIMEOUT"))
     db_statement_timeout: float = Field(

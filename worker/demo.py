@@ -14,11 +14,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import psycopg
-from psycopg import sql
 
 from worker import logs
 from worker.config import Settings
 from worker.embedded import throwaway_postgres
+from worker.pg import sqlfiles
 from worker.service import run_consumer
 from worker.simulator import Simulator
 
@@ -54,9 +54,7 @@ def main(records: int = 20000) -> int:
         print(f"simulator: {sim.base_url}/v1/records ({records} records + {len(_MALFORMED)} bad)")
         print(f"database:  {where}, schema {DEMO_SCHEMA}")
         with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(
-                sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(DEMO_SCHEMA))
-            )
+            conn.execute(sqlfiles.query("drop_schema", DEMO_SCHEMA))
         settings = Settings(
             SEQUIN_API_TOKEN=DEMO_TOKEN,
             SEQUIN_BASE_URL=sim.base_url,
@@ -81,19 +79,7 @@ def main(records: int = 20000) -> int:
 
 
 def _table(dsn: str) -> str:
-    query = sql.SQL(
-        """
-        SELECT c.collection_id,
-               count(*) FILTER (WHERE r.collection_id IS NOT NULL AND NOT r.deleted),
-               count(*) FILTER (WHERE r.deleted),
-               (SELECT count(*) FROM {s}.dead_letters d WHERE d.collection_id = c.collection_id)
-        FROM (SELECT DISTINCT collection_id FROM {s}.records
-              UNION SELECT DISTINCT collection_id FROM {s}.dead_letters
-              WHERE collection_id IS NOT NULL) c
-        LEFT JOIN {s}.records r ON r.collection_id = c.collection_id
-        GROUP BY c.collection_id ORDER BY c.collection_id
-        """
-    ).format(s=sql.Identifier(DEMO_SCHEMA))
+    query = sqlfiles.query("demo_summary", DEMO_SCHEMA)
     with psycopg.connect(dsn) as conn:
         rows = conn.execute(query).fetchall()
     header = ("collection", "live", "deleted", "dead letters")

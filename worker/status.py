@@ -15,9 +15,10 @@ import psycopg
 import structlog
 from psycopg.rows import dict_row
 
-from worker import sqlfiles
 from worker.errors import SchemaMissing
-from worker.locks import consumer_lock_key
+from worker.pg import sqlfiles
+from worker.pg.connection import translated
+from worker.pg.locks import consumer_lock_key
 from worker.sync import LoopState, Totals
 
 log = structlog.get_logger("worker.status")
@@ -69,14 +70,15 @@ class Status:
         }
 
 
-def schema_exists(conn: psycopg.Connection[Any], schema: str) -> bool:
-    row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (f'"{schema}".cursors',)).fetchone()
-    return bool(row and row[0])
-
-
 def read_status(conn: psycopg.Connection[Any], schema: str) -> Status:
-    """Everything ``sequin-worker status`` shows. Raises :class:`SchemaMissing`."""
-    if not schema_exists(conn, schema):
+    """Everything ``sequin-worker status`` shows. Raises :class:`SchemaMissing`, and
+    :class:`~worker.errors.StoreFailure` when a query fails."""
+    with translated():
+        return _read_status(conn, schema)
+
+
+def _read_status(conn: psycopg.Connection[Any], schema: str) -> Status:
+    if not sqlfiles.table_exists(conn, schema, "cursors"):
         raise SchemaMissing(
             f"schema {schema!r} has no worker tables in this database: run "
             "`sequin-worker migrate` (or check SEQUIN_DB_SCHEMA and DATABASE_URL)"

@@ -1,4 +1,5 @@
-"""The Postgres store: the only module that writes the data tables.
+"""The Postgres store: with :mod:`worker.pg.rows` (the COPY and the row-by-row fallback),
+the only code that writes the data tables.
 
 Contract of :meth:`PgStore.apply`: one batch (one or more consecutive pages) is applied in
 **one transaction** that also moves the consumer's cursor from the position the batch was
@@ -32,104 +33,24 @@ from typing import Any
 import orjson
 import psycopg
 import structlog
-from psycopg.types.json import set_json_dumps
 
-from worker import migrations, sqlfiles
 from worker.errors import ConsumerMismatch, CursorConflict, StoreFailure, StoreUnavailable
-from worker.failures import classify
 from worker.model import ApplyResult, Batch, ConsumerConfig, DeadLetter, Record
-from worker.pgconn import DbTimeouts, deadline, sever
+from worker.pg import migrations, sqlfiles
+from worker.pg.connection import (
+    Conn,
+    DbTimeouts,
+    connect,
+    describe,
+    failure,
+    sever,
+    translated,
+)
+from worker.pg.rows import REFUSALS, write_rows, write_rows_one_by_one
 
-log = structlog.get_logger("worker.store")
+log = structlog.get_logger("worker.pg.store")
 
-Conn = psycopg.Connection[tuple[Any, ...]]
-
-
-def store_failure(exc: psycopg.Error) -> StoreFailure:
-    """The domain error for ``exc``, classified by its SQLSTATE; the message is Postgres'
-    first line (never the DSN), with the SQLSTATE when there is one."""
-    cls = classify(exc.sqlstate)
-    text = _describe(exc)
-    if exc.sqlstate:
-        text = f"{text} (SQLSTATE {exc.sqlstate})"
-    if cls == "connection_lost":
-        return StoreUnavailable(text, sqlstate=exc.sqlstate)
-    return StoreFailure(text, failure_class=cls, sqlstate=exc.sqlstate)
-
-
-def connect(
-    dsn: str,
-    *,
-    autocommit: bool = False,
-    application_name: str = "sequin-worker",
-    timeouts: DbTimeouts | None = None,
-    statement_timeout: bool = False,
-) -> Conn:
-    """Open a connection whose every wait is bounded (see :class:`DbTimeouts`): libpq's
-    connect timeout, keepalives and ``tcp_user_timeout`` on our side; keepalives,
-    ``tcp_user_timeout``, ``lock_timeout`` and ``idle_in_transaction_session_timeout`` on
-    the server's side, plus ``statement_timeout`` if ``statement_timeout`` is true. A
-    stricter value configured on the role or database is kept.
-
-    Raises :class:`StoreUnavailable` (never with the DSN in the message: it may hold a
-    password).
-    """
-    t = timeouts or DbTimeouts.default()
-    try:
-        conn = psycopg.connect(
-            dsn,
-            autocommit=autocommit,
-            application_name=application_name[:63],
-            **t.client_params(),
-        )
-    except psycopg.OperationalError as exc:
-        raise StoreUnavailable(_describe(exc)) from None
-    server = t.server_settings(statement=statement_timeout)
-    guard = threading.Lock()
-    try:
-        # Session settings (not startup options: those would replace any `options` in the
-        # DSN, and poolers refuse them). Ours are ceilings: a stricter value set on the role
-        # or database stays. One round trip, itself bounded.
-        with deadline(conn, t.wait, guard):
-            conn.execute(
-                "SELECT set_config(s.name, CASE WHEN p.setting::bigint > 0"
-                " AND p.setting::bigint < s.value::bigint THEN p.setting ELSE s.value END,"
-                " false) FROM unnest(%s::text[], %s::text[]) AS s(name, value)"
-                " LEFT JOIN pg_settings p ON p.name = s.name",
-                (list(server), list(server.values())),
-            )
-            if not autocommit:
-                conn.commit()
-    except psycopg.OperationalError as exc:
-        with guard:
-            conn.close()
-        raise StoreUnavailable(_describe(exc)) from None
-    except psycopg.Error as exc:
-        # A server too old for one of them (tcp_user_timeout: Postgres 12): keep the
-        # connection; the client-side bounds still hold.
-        log.warning("db_session_settings_unavailable", reason=_describe(exc))
-        conn.rollback()
-    return conn
-
-
-# Binary COPY: psycopg sends datetimes, UUIDs and booleans in Postgres' own binary forms
-# instead of formatting them as text (measured ~5% faster end to end).
-STAGE_TYPES = ["text", "text", "text", "timestamptz", "timestamptz", "bool", "jsonb"]
-
-
-# Postgres refusing the data of a row (a value validation let through): handled row by row.
-REFUSALS = (psycopg.errors.DataError, psycopg.errors.ProgramLimitExceeded)
 _IDLE = (psycopg.pq.TransactionStatus.IDLE,)
-
-
-def _as_is(text: Any) -> Any:
-    return text
-
-
-def _describe(exc: psycopg.Error) -> str:
-    # libpq messages name host and port but never the password; keep the first line.
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 class PgStore:
@@ -195,7 +116,7 @@ class PgStore:
                 conn.execute(self._q["create_stage"])
         except psycopg.Error as exc:
             self.close()
-            raise store_failure(exc) from None
+            raise failure(exc) from None
 
     def close(self) -> None:
         with self._guard:
@@ -234,7 +155,7 @@ class PgStore:
             try:
                 conn.cancel_safe(timeout=bound)
             except psycopg.Error as exc:
-                log.warning("db_cancel_failed", reason=_describe(exc))
+                log.warning("db_cancel_failed", reason=describe(exc))
 
         # The cancel request needs a connection of its own, which a silent server does not
         # answer either: wait for the call to end, not for the cancel.
@@ -265,17 +186,17 @@ class PgStore:
             raise self._failed(exc) from None
 
     def _failed(self, exc: psycopg.Error) -> StoreFailure:
-        failure = store_failure(exc)
+        error = failure(exc)
         conn = self._conn
         broken = conn is None or conn.closed or conn.info.transaction_status not in _IDLE
-        if failure.failure_class == "connection_lost" or broken:
+        if error.failure_class == "connection_lost" or broken:
             # Lost or unusable connection: drop it; the caller reconnects. Otherwise the
             # transaction rolled back and the connection serves the retry.
             self.close()
-        return failure
+        return error
 
     def migrate(self) -> list[int]:
-        """Apply pending migrations (see :mod:`worker.migrations`) on a side connection."""
+        """Apply pending migrations (see :mod:`worker.pg.migrations`) on a side connection."""
         with (
             self._translate(),
             connect(self._dsn, autocommit=True, timeouts=self.timeouts) as conn,
@@ -297,13 +218,9 @@ class PgStore:
             assert row is not None
             _, cursor, sync_id, provider, collection, delete_mode = row
             stored = {"sync_id": sync_id, "provider": provider, "collection": collection}
-            if stored != c.filters():
-                raise ConsumerMismatch(
-                    f"consumer {c.name!r} was created with filters {_fmt(stored)} but is now "
-                    f"configured with {_fmt(c.filters())}; its cursor belongs to that other "
-                    "stream. Use another SEQUIN_CONSUMER, or start this one over with "
-                    f"`sequin-worker reset --consumer {c.name}`."
-                )
+            mismatch = filters_mismatch(c.name, stored, c.filters())
+            if mismatch is not None:
+                raise mismatch
             if delete_mode != c.delete_mode:
                 log.warning(
                     "delete_mode_changed",
@@ -355,7 +272,7 @@ class PgStore:
             # Postgres refused something validation let through (it should not happen).
             # Rather than fail this batch on every restart, apply it again row by row and
             # dead-letter the rows it refuses, with Postgres' reason.
-            log.warning("batch_refused_applying_row_by_row", reason=_describe(exc), rows=len(rows))
+            log.warning("batch_refused_applying_row_by_row", reason=describe(exc), rows=len(rows))
             result = fresh()
             self._apply(batch, rows, list(dead), result, isolate=True)
         self._position = batch.cursor
@@ -373,6 +290,7 @@ class PgStore:
     ) -> None:
         conn = self.conn
         c = self.consumer
+        hard = c.delete_mode == "hard"
         with (
             self._busy(),
             self._translate(refusals=not isolate),
@@ -395,7 +313,7 @@ class PgStore:
                 raise CursorConflict(f"consumer {c.name!r} was moved or reset by another process")
             if rows:
                 if isolate:
-                    changed, refused = self._write_rows_one_by_one(cur, batch)
+                    changed, refused = write_rows_one_by_one(cur, batch, self._q, hard=hard)
                     dead.extend(refused)
                     result.dead_lettered = len(dead)
                     if refused:
@@ -437,68 +355,11 @@ class PgStore:
                     {"channel": self.notify_channel, "payload": notify_payload(c.name, result)},
                 )
 
-    def _write_rows_one_by_one(
-        self, cur: psycopg.Cursor[tuple[Any, ...]], batch: Batch
-    ) -> tuple[Counter[tuple[str, bool]], list[DeadLetter]]:
-        """Each row under its own savepoint; the ones Postgres refuses become dead letters.
-
-        Per key, the versions of the batch are tried newest first until Postgres accepts one:
-        the key gets the newest version Postgres accepts, and every newer one it refused is
-        dead-lettered. Applying the same pages one per batch gives the same table, so the
-        result never depends on how pages were grouped (README, "Guarantees").
-        """
-        changed: Counter[tuple[str, bool]] = Counter()
-        refused: list[DeadLetter] = []
-        page_of = {id(r): p for p in batch.pages for r in p.records}
-        for versions in batch.versions():
-            for row in versions:
-                try:
-                    with self.conn.transaction():
-                        changed.update(self._write_rows(cur, [row]))
-                        cur.execute(self._q["clear_stage"])
-                    break
-                except REFUSALS as exc:
-                    page = page_of[id(row)]
-                    refused.append(
-                        DeadLetter(
-                            raw=page.raw_text(row),
-                            reason=f"Postgres refused the row: {_describe(exc)}"[:500],
-                            after_cursor=page.after_cursor,
-                            collection_id=row.collection_id,
-                            upstream_id=row.upstream_id,
-                        )
-                    )
-        return changed, refused
-
     def _write_rows(
         self, cur: psycopg.Cursor[tuple[Any, ...]], rows: list[Record]
     ) -> Counter[tuple[str, bool]]:
-        # data_json already is JSON text: the jsonb dumper must pass it through as it is.
-        set_json_dumps(_as_is, context=cur)
-        with cur.copy(self._q["copy_stage"]) as copy:
-            copy.set_types(STAGE_TYPES)
-            for r in rows:
-                copy.write_row(
-                    (
-                        r.collection_id,
-                        r.upstream_id,
-                        r.sync_id,
-                        r.upstream_updated_at,
-                        r.created_at,
-                        r.deleted,
-                        r.data_json,
-                    )
-                )
-        hard = self.consumer.delete_mode == "hard"
-        changed: Counter[tuple[str, bool]] = Counter()
-        cur.execute(self._q["upsert_rows"], {"include_deletes": not hard})
-        for coll, is_del, n in cur.fetchall():
-            changed[(coll, is_del)] += n
-        if hard:
-            cur.execute(self._q["apply_hard_deletes"])
-            for coll, is_del, n in cur.fetchall():
-                changed[(coll, is_del)] += n
-        return changed
+        # A method of its own so that bench/ can time it.
+        return write_rows(cur, rows, self._q, hard=self.consumer.delete_mode == "hard")
 
 
 NOTIFY_LIMIT = 7900  # Postgres refuses payloads of 8000 bytes or more
@@ -526,37 +387,31 @@ def notify_payload(consumer: str, result: ApplyResult) -> str:
     return text
 
 
+def filters_mismatch(
+    name: str, stored: dict[str, str | None], configured: dict[str, str | None]
+) -> ConsumerMismatch | None:
+    """The one check that a consumer's stored filters (its row in ``cursors``) are the
+    configured ones: None when they are, else the error to raise or report (its cursor
+    belongs to another stream)."""
+    if stored == configured:
+        return None
+    return ConsumerMismatch(
+        f"consumer {name!r} was created with filters {_fmt(stored)} but is now "
+        f"configured with {_fmt(configured)}; its cursor belongs to that other "
+        "stream. Use another SEQUIN_CONSUMER, or start this one over with "
+        f"`sequin-worker reset --consumer {name}`."
+    )
+
+
 def _fmt(filters: dict[str, str | None]) -> str:
     shown = {k: v for k, v in filters.items() if v is not None}
     return str(shown) if shown else "{} (no filters)"
 
 
-def ping(dsn: str, timeout: float = 2.0) -> bool:
-    """True if the database answers a query within about ``timeout`` seconds (connecting,
-    then the query, each bounded by it)."""
-    try:
-        with (
-            psycopg.connect(
-                dsn,
-                autocommit=True,
-                connect_timeout=max(2, int(timeout)),
-                tcp_user_timeout=int(timeout * 1000),
-            ) as conn,
-            deadline(conn, timeout, threading.Lock()),
-        ):
-            conn.execute("SELECT 1")
-        return True
-    except psycopg.Error:
-        return False
-
-
-def reset_consumer(
-    dsn: str, schema: str, consumer: str, timeouts: DbTimeouts | None = None
-) -> bool:
-    """Delete a consumer's cursor row so that it starts over from the beginning.
-
-    The rows it wrote stay; a fresh run rewrites each key with its latest version.
-    """
-    with connect(dsn, autocommit=True, timeouts=timeouts) as conn:
+def reset_consumer(conn: Conn, schema: str, consumer: str) -> bool:
+    """Delete a consumer's cursor row so that it starts over from the beginning; True if it
+    existed. The rows it wrote stay; a fresh run rewrites each key with its latest version.
+    Raises :class:`StoreFailure`."""
+    with translated():
         cur = conn.execute(sqlfiles.query("reset_consumer", schema), {"consumer": consumer})
         return cur.rowcount == 1

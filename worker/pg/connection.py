@@ -1,4 +1,9 @@
-"""Bounds on every wait on Postgres, and the means to end a wait that outlives its bound.
+"""Connections to Postgres: :func:`connect` with every wait bounded, :func:`ping`, and the one
+translation of psycopg errors into the domain's (:func:`failure`, :func:`translated`): every
+module of :mod:`worker.pg` raises :class:`~worker.errors.StoreFailure` (or its subclass
+:class:`~worker.errors.StoreUnavailable`), never a psycopg error, to code outside it.
+
+Bounds on every wait on Postgres, and the means to end a wait that outlives its bound.
 
 Two settings drive everything (see :class:`DbTimeouts`). The server enforces what it can
 (``lock_timeout``, ``statement_timeout``, ``idle_in_transaction_session_timeout``, its own
@@ -21,8 +26,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+import structlog
 
 from worker.config import Settings
+from worker.errors import StoreFailure, StoreUnavailable
+from worker.failures import classify
+from worker.pg import sqlfiles
+
+log = structlog.get_logger("worker.pg.connection")
+
+Conn = psycopg.Connection[tuple[Any, ...]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,3 +166,104 @@ def deadline(
         # Should the timer fire as the answer arrives, the result stands and the severed
         # connection fails on its next use (callers reconnect then).
         timer.cancel()
+
+
+def describe(exc: psycopg.Error) -> str:
+    # libpq messages name host and port but never the password; keep the first line.
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def failure(exc: psycopg.Error) -> StoreFailure:
+    """The domain error for ``exc``, classified by its SQLSTATE; the message is Postgres'
+    first line (never the DSN), with the SQLSTATE when there is one."""
+    cls = classify(exc.sqlstate)
+    text = describe(exc)
+    if exc.sqlstate:
+        text = f"{text} (SQLSTATE {exc.sqlstate})"
+    if cls == "connection_lost":
+        return StoreUnavailable(text, sqlstate=exc.sqlstate)
+    return StoreFailure(text, failure_class=cls, sqlstate=exc.sqlstate)
+
+
+def connect(
+    dsn: str,
+    *,
+    autocommit: bool = False,
+    application_name: str = "sequin-worker",
+    timeouts: DbTimeouts | None = None,
+    statement_timeout: bool = False,
+) -> Conn:
+    """Open a connection whose every wait is bounded (see :class:`DbTimeouts`): libpq's
+    connect timeout, keepalives and ``tcp_user_timeout`` on our side; keepalives,
+    ``tcp_user_timeout``, ``lock_timeout`` and ``idle_in_transaction_session_timeout`` on
+    the server's side, plus ``statement_timeout`` if ``statement_timeout`` is true. A
+    stricter value configured on the role or database is kept.
+
+    Raises :class:`StoreUnavailable` (never with the DSN in the message: it may hold a
+    password).
+    """
+    t = timeouts or DbTimeouts.default()
+    try:
+        conn = psycopg.connect(
+            dsn,
+            autocommit=autocommit,
+            application_name=application_name[:63],
+            **t.client_params(),
+        )
+    except psycopg.OperationalError as exc:
+        raise StoreUnavailable(describe(exc)) from None
+    server = t.server_settings(statement=statement_timeout)
+    guard = threading.Lock()
+    try:
+        # Session settings (not startup options: those would replace any `options` in the
+        # DSN, and poolers refuse them). Ours are ceilings: a stricter value set on the role
+        # or database stays. One round trip, itself bounded.
+        with deadline(conn, t.wait, guard):
+            conn.execute(
+                sqlfiles.statement("session_settings"),
+                {"names": list(server), "values": list(server.values())},
+            )
+            if not autocommit:
+                conn.commit()
+    except psycopg.OperationalError as exc:
+        with guard:
+            conn.close()
+        raise StoreUnavailable(describe(exc)) from None
+    except psycopg.Error as exc:
+        # A server too old for one of them (tcp_user_timeout: Postgres 12): keep the
+        # connection; the client-side bounds still hold.
+        log.warning("db_session_settings_unavailable", reason=describe(exc))
+        conn.rollback()
+    return conn
+
+
+@contextmanager
+def translated() -> Iterator[None]:
+    """The one translation of psycopg errors at the adapter boundary: any
+    :class:`psycopg.Error` raised inside the block leaves it as :func:`failure` of it (a
+    :class:`StoreFailure`, :class:`StoreUnavailable` when the connection is lost), so no
+    caller outside :mod:`worker.pg` needs ``except psycopg.Error``."""
+    try:
+        yield
+    except psycopg.Error as exc:
+        raise failure(exc) from None
+
+
+def ping(dsn: str, timeout: float = 2.0) -> bool:
+    """True if the database answers a query within about ``timeout`` seconds (connecting,
+    then the query, each bounded by it)."""
+    try:
+        with (
+            psycopg.connect(
+                dsn,
+                autocommit=True,
+                connect_timeout=max(2, int(timeout)),
+                tcp_user_timeout=int(timeout * 1000),
+            ) as conn,
+            deadline(conn, timeout, threading.Lock()),
+        ):
+            conn.execute(sqlfiles.statement("ping"))
+        return True
+    except psycopg.Error:
+        return False

@@ -29,10 +29,10 @@ import psycopg
 import structlog
 
 from worker.errors import StoreUnavailable
-from worker.pgconn import DbTimeouts, deadline
-from worker.store import Conn, connect
+from worker.pg import sqlfiles
+from worker.pg.connection import Conn, DbTimeouts, connect, deadline, describe, failure
 
-log = structlog.get_logger("worker.lease")
+log = structlog.get_logger("worker.pg.lease")
 
 
 class Lease:
@@ -76,7 +76,7 @@ class Lease:
         try:
             with deadline(conn, self.timeouts.round_trip, self._guard):
                 conn.execute(
-                    "SELECT set_config('idle_session_timeout', %s, false)", (str(idle_ms),)
+                    sqlfiles.statement("set_idle_session_timeout"), {"timeout": str(idle_ms)}
                 )
         except psycopg.OperationalError:
             with self._guard:  # never while a deadline's timer may be severing it
@@ -85,7 +85,7 @@ class Lease:
         except psycopg.Error as exc:
             # Postgres before 14 has no idle_session_timeout: a dead leader's lock is then
             # released when the server's TCP keepalives give up.
-            log.warning("lock_session_settings_unavailable", reason=_first_line(exc))
+            log.warning("lock_session_settings_unavailable", reason=describe(exc))
         return conn
 
     def try_acquire(self) -> bool:
@@ -93,10 +93,13 @@ class Lease:
         try:
             if self._conn is None or self._conn.closed:
                 self._conn = self._connect()
-            row = self._call("SELECT pg_try_advisory_lock(%s)", (self.key,))
+            row = self._call("try_advisory_lock", {"key": self.key})
         except psycopg.OperationalError as exc:
             self._drop()
-            raise StoreUnavailable(_first_line(exc)) from None
+            raise StoreUnavailable(describe(exc)) from None
+        except psycopg.Error as exc:
+            self._drop()
+            raise failure(exc) from None
         if not row or not row[0]:
             return False
         self.is_leader = True
@@ -136,9 +139,11 @@ class Lease:
             stop.wait(self.retry_interval)
         return False
 
-    def _call(self, query: str, params: tuple[object, ...] = ()) -> tuple[object, ...] | None:
-        """One statement on the lock connection, bounded by ``round_trip`` seconds (then
-        :class:`~worker.pgconn.DeadlineExceeded`, an :class:`psycopg.OperationalError`)."""
+    def _call(
+        self, name: str, params: dict[str, object] | None = None
+    ) -> tuple[object, ...] | None:
+        """Named query ``name`` on the lock connection, bounded by ``round_trip`` seconds (then
+        :class:`~worker.pg.connection.DeadlineExceeded`, an :class:`psycopg.OperationalError`)."""
         bound = self.timeouts.round_trip
         if not self._calls.acquire(timeout=bound):
             raise psycopg.OperationalError(f"lock connection busy for {bound:g} s")
@@ -147,18 +152,18 @@ class Lease:
             if conn is None or conn.closed:
                 raise psycopg.OperationalError("no connection")
             with deadline(conn, bound, self._guard):
-                return conn.execute(query, params).fetchone()
+                return conn.execute(sqlfiles.statement(name), params).fetchone()
         finally:
             self._calls.release()
 
     def _watch(self) -> None:
         while not self._released.wait(self.ping_interval):
             try:
-                self._call("SELECT 1")
+                self._call("ping")
             except psycopg.Error as exc:
                 if self._released.is_set():
                     return
-                log.error("leader_lost", consumer=self.name, reason=_first_line(exc))
+                log.error("leader_lost", consumer=self.name, reason=describe(exc))
                 self.is_leader = False
                 self.lost.set()
                 self._drop()
@@ -176,7 +181,7 @@ class Lease:
             self._watchdog = None
         if was_leader:
             with contextlib.suppress(psycopg.Error):
-                self._call("SELECT pg_advisory_unlock(%s)", (self.key,))
+                self._call("advisory_unlock", {"key": self.key})
         self._drop()
         self.is_leader = False
         if was_leader:
@@ -188,8 +193,3 @@ class Lease:
                 with contextlib.suppress(psycopg.Error):
                     self._conn.close()
                 self._conn = None
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__

@@ -35,11 +35,12 @@ import structlog
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from worker import sqlfiles
-from worker.locks import lock_key
+from worker.pg import sqlfiles
+from worker.pg.connection import translated
+from worker.pg.locks import lock_key
 from worker.records import provider_of
 
-log = structlog.get_logger("worker.views")
+log = structlog.get_logger("worker.pg.views")
 
 MAX_IDENT = 63
 SAMPLE_ROWS = 10_000
@@ -136,6 +137,9 @@ def view_statement(
 ) -> sql.Composed:
     """``CREATE [OR REPLACE] VIEW`` for one collection; every name quoted, every key a
     literal."""
+    # The one statement composed here rather than named in sql/queries.sql: its column list
+    # depends on the collection's keys, known only at run time. Names go through
+    # sql.Identifier, keys through sql.Literal; no text from the data is ever spliced in.
     exprs: list[sql.Composable] = [sql.SQL("upstream_id"), sql.SQL("upstream_updated_at")]
     for c in columns:
         key = sql.Literal(c.key)
@@ -207,9 +211,11 @@ def refresh_views(
     refreshes take turns. The view's DDL waits at most ``LOCK_TIMEOUT_MS`` for its lock: a
     view that a reader holds is reported as ``deferred`` (event ``view_refresh_deferred``)
     and left as it was, so neither the caller nor any reader of the view waits longer than
-    that. ``conn`` must be in autocommit mode. Other database errors propagate.
+    that. ``conn`` must be in autocommit mode. Other database errors raise
+    :class:`~worker.errors.StoreFailure`.
     """
-    return [_refresh_one(conn, schema, c) for c in collections]
+    with translated():
+        return [_refresh_one(conn, schema, c) for c in collections]
 
 
 def _refresh_one(
@@ -242,7 +248,7 @@ def _refresh_one(
 
 
 def _set_lock_timeout(conn: psycopg.Connection[tuple[object, ...]], ms: int) -> None:
-    conn.execute("SELECT set_config('lock_timeout', %s, true)", (f"{ms}ms",))
+    conn.execute(sqlfiles.statement("set_local_lock_timeout"), {"timeout": f"{ms}ms"})
 
 
 def _plan_and_apply(
@@ -251,7 +257,7 @@ def _plan_and_apply(
     # Concurrent refreshes (the keeper, `sequin-worker views`) each hold this lock for one
     # short transaction, so waiting for it is bounded; the bound is there all the same.
     _set_lock_timeout(conn, TURN_TIMEOUT_MS)
-    conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock_key("views", schema),))
+    conn.execute(sqlfiles.statement("advisory_xact_lock"), {"key": lock_key("views", schema)})
     row = conn.execute(
         sqlfiles.query("view_of_collection", schema), {"collection": collection_id}
     ).fetchone()
@@ -287,8 +293,7 @@ def _plan_and_apply(
         # behind them: wait only a moment, then give up and leave the view as it is.
         _set_lock_timeout(conn, LOCK_TIMEOUT_MS)
         if action == "recreated":
-            ident = sql.Identifier(schema)
-            conn.execute(sql.SQL("DROP VIEW IF EXISTS {}.{}").format(ident, sql.Identifier(name)))
+            conn.execute(sqlfiles.query("drop_view", schema, view=name))
         stmt = view_statement(schema, name, collection_id, columns, replace=action == "extended")
         conn.execute(stmt)
     conn.execute(
@@ -324,8 +329,10 @@ def _free_name(
 
 
 def known_collections(conn: psycopg.Connection[tuple[object, ...]], schema: str) -> set[str]:
-    """Collections that already have a view (the registry: a small table)."""
-    return {str(r[0]) for r in conn.execute(sqlfiles.query("views_known", schema))}
+    """Collections that already have a view (the registry: a small table). Raises
+    :class:`~worker.errors.StoreFailure`."""
+    with translated():
+        return {str(r[0]) for r in conn.execute(sqlfiles.query("views_known", schema))}
 
 
 def all_collections(conn: psycopg.Connection[tuple[object, ...]], schema: str) -> list[str]:
@@ -333,6 +340,8 @@ def all_collections(conn: psycopg.Connection[tuple[object, ...]], schema: str) -
 
     A skip scan of the primary key: one index probe per collection, not a read of every row
     as ``SELECT DISTINCT`` would do. The worker's own upkeep never calls this: it knows the
-    collections from its batches and from the registry.
+    collections from its batches and from the registry. Raises
+    :class:`~worker.errors.StoreFailure`.
     """
-    return [str(r[0]) for r in conn.execute(sqlfiles.query("collections_all", schema))]
+    with translated():
+        return [str(r[0]) for r in conn.execute(sqlfiles.query("collections_all", schema))]

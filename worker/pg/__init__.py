@@ -1,0 +1,1 @@
+"""The Postgres adapters: the only code in the worker that talks to Postgres."""
