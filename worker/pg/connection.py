@@ -29,7 +29,7 @@ import psycopg
 import structlog
 
 from worker.config import Settings
-from worker.errors import StoreFailure, StoreUnavailable
+from worker.errors import ConfigError, StoreFailure, StoreUnavailable
 from worker.failures import classify
 from worker.pg import sqlfiles
 
@@ -211,6 +211,15 @@ def connect(
             application_name=application_name[:63],
             **t.client_params(),
         )
+    except psycopg.ProgrammingError:
+        # libpq could not even parse the DSN (a typo, another scheme, an unknown parameter):
+        # no retry can fix that. Its message may quote the DSN, password included: not shown.
+        raise ConfigError(
+            [
+                "DATABASE_URL: not a valid PostgreSQL connection string (expected "
+                "postgresql://user:password@host:port/dbname or key=value pairs)"
+            ]
+        ) from None
     except psycopg.OperationalError as exc:
         raise StoreUnavailable(describe(exc)) from None
     server = t.server_settings(statement=statement_timeout)
