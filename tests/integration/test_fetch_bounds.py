@@ -13,7 +13,7 @@ from structlog.testing import capture_logs
 
 from tests.conftest import fetch_one, fetch_rows
 from tests.helpers import TOKEN, assert_table_matches, run_cli, settings, worker_env
-from tests.test_crash import terminate_backends, wait_for
+from tests.crash.test_crash import terminate_backends, wait_for
 from worker.metrics import Metrics
 from worker.ops import OpsServer
 from worker.service import run_consumer

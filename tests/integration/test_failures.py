@@ -22,9 +22,9 @@ from psycopg import sql
 
 from tests.conftest import SCHEMA, fetch_rows
 from tests.helpers import TOKEN, assert_table_matches, run_cli, settings, worker_env
-from tests.test_bad_input import dead_letters, spec_record
-from tests.test_ops import metric, wait_for
-from tests.test_store import T, apply_pages, make_store, raw
+from tests.integration.test_bad_input import dead_letters, spec_record
+from tests.integration.test_ops import metric, wait_for
+from tests.integration.test_store import T, apply_pages, make_store, raw
 from worker.errors import StoreFailure
 from worker.failures import FAILURE_CLASSES, RetryBudget, classify, what_to_fix
 from worker.metrics import Metrics

@@ -28,7 +28,7 @@ import requests
 import yaml
 
 from tests.helpers import ROOT, TOKEN, spawn_cli, worker_env
-from tests.test_ops import free_port
+from tests.integration.test_ops import free_port
 from worker.simulator import FaultConfig, Simulator
 
 PROMETHEUS = shutil.which("prometheus")

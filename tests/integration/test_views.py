@@ -23,7 +23,7 @@ import pytest
 import requests
 
 from tests.helpers import ROOT, TOKEN, run_cli, settings, worker_env
-from tests.test_ops import free_port, wait_for
+from tests.integration.test_ops import free_port, wait_for
 from worker import sqlfiles
 from worker.service import run_consumer
 from worker.simulator import Simulator

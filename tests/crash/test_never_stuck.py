@@ -22,7 +22,7 @@ from structlog.testing import capture_logs
 from tests.conftest import fetch_one, fetch_rows
 from tests.helpers import TOKEN, assert_table_matches, run_cli, worker_env
 from tests.proxy import BlackHoleProxy, blackhole_proxy
-from tests.test_crash import (
+from tests.crash.test_crash import (
     StreamIndex,
     Worker,
     assert_consistent,
@@ -32,7 +32,7 @@ from tests.test_crash import (
     wait_for,
     worker_backends,
 )
-from tests.test_store import make_store
+from tests.integration.test_store import make_store
 from worker.lease import Lease
 from worker.locks import consumer_lock_key
 from worker.model import ApplyResult, Batch

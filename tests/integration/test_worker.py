@@ -301,7 +301,7 @@ def test_cli_simulate_serves_and_stops_on_sigterm(tmp_path: object) -> None:
     import requests
 
     from tests.helpers import ROOT
-    from tests.test_ops import free_port
+    from tests.integration.test_ops import free_port
 
     port = free_port()
     proc = subprocess.Popen(
@@ -352,7 +352,7 @@ def test_run_never_gives_up_on_transient_failures(sim: Simulator, db: str) -> No
     only `backfill` gives up. Then SIGTERM still ends it cleanly."""
     import requests
 
-    from tests.test_ops import free_port
+    from tests.integration.test_ops import free_port
 
     sim.faults = FaultConfig(rate_5xx=1.0)
     port = free_port()
