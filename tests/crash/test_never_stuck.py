@@ -20,8 +20,6 @@ import pytest
 from structlog.testing import capture_logs
 
 from tests.conftest import fetch_one, fetch_rows
-from tests.helpers import TOKEN, assert_table_matches, run_cli, worker_env
-from tests.proxy import BlackHoleProxy, blackhole_proxy
 from tests.crash.test_crash import (
     StreamIndex,
     Worker,
@@ -29,10 +27,11 @@ from tests.crash.test_crash import (
     assert_exact_end_state,
     caught_up,
     lock_holders,
-    wait_for,
     worker_backends,
 )
+from tests.helpers import TOKEN, assert_table_matches, run_cli, wait_for, worker_env
 from tests.integration.test_store import make_store
+from tests.proxy import BlackHoleProxy, blackhole_proxy
 from worker.lease import Lease
 from worker.locks import consumer_lock_key
 from worker.model import ApplyResult, Batch

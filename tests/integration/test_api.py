@@ -5,25 +5,19 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Iterator
 from email.utils import formatdate
 from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
 
+from tests.helpers import TOKEN
 from worker.api import SequinClient, parse_retry_after
 from worker.codec import decode_item_exact, decode_page, record_spans
 from worker.errors import ApiUnavailable, RequestRejected, TokenRejected
 from worker.simulator import FaultConfig, Simulator
 
-TOKEN = "sk-test-7d1f0a9e"
-
-
-@pytest.fixture
-def sim() -> Iterator[Simulator]:
-    with Simulator(token=TOKEN, seed=3, records=1200) as s:
-        yield s
+pytestmark = pytest.mark.sim(seed=3, records=1200)
 
 
 def client(sim: Simulator, **kw: Any) -> SequinClient:

@@ -17,7 +17,7 @@ import json
 import random
 import string
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -31,25 +31,30 @@ from psycopg.rows import dict_row
 from structlog.testing import capture_logs
 
 from tests.conftest import fetch_rows
-from tests.helpers import TOKEN, assert_table_matches, run_cli, settings, worker_env
+from tests.helpers import (
+    DROP,
+    TOKEN,
+    assert_table_matches,
+    cursor_row,
+    record,
+    run_cli,
+    settings,
+    worker_env,
+)
 from worker.service import Outcome, run_consumer
 from worker.simulator import Simulator
 
 Key = tuple[str, str]
 PAGE = 50
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
-_DROP = object()
+
+
+# 200 base records, so the bad ones arrive on a later page (with an after_cursor).
+pytestmark = pytest.mark.sim(seed=101, records=200, record_size=200)
 
 
 def at(seconds: float) -> str:
     return (T0 + timedelta(seconds=seconds)).isoformat().replace("+00:00", "Z")
-
-
-@pytest.fixture
-def sim() -> Iterator[Simulator]:
-    # 200 base records, so the bad ones arrive on a later page (with an after_cursor).
-    with Simulator(token=TOKEN, seed=101, records=200, record_size=200) as s:
-        yield s
 
 
 def backfill(sim: Simulator, db: str, **over: object) -> Outcome:
@@ -60,18 +65,14 @@ def backfill(sim: Simulator, db: str, **over: object) -> Outcome:
 
 
 def spec_record(uid: str, seconds: float, **over: Any) -> dict[str, Any]:
-    """A record shaped like the API document's example; ``_DROP`` removes a field."""
-    record: dict[str, Any] = {
+    """A record shaped like the API document's example; ``DROP`` removes a field."""
+    fields: dict[str, Any] = {
         "sync_id": "e6bd2ca5-36aa-4fce-9730-5543509a7747",
         "collection_id": "stripe:customer",
-        "upstream_id": uid,
-        "upstream_updated_at": at(seconds),
         "data": {"id": uid, "n": seconds},
-        "deleted": False,
         "created_at": at(seconds),
     }
-    record.update(over)
-    return {k: v for k, v in record.items() if v is not _DROP}
+    return record(**({"upstream_id": uid, "upstream_updated_at": at(seconds)} | fields | over))
 
 
 def dead_letters(db: str) -> list[dict[str, Any]]:
@@ -81,17 +82,6 @@ def dead_letters(db: str) -> list[dict[str, Any]]:
             "FROM sequin.dead_letters ORDER BY id"
         )
         return cur.fetchall()
-
-
-def cursor_row(db: str, consumer: str = "default") -> dict[str, Any]:
-    with psycopg.connect(db) as conn, conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(
-            "SELECT cursor, records_applied, dead_letters FROM sequin.cursors WHERE consumer = %s",
-            (consumer,),
-        )
-        row = cur.fetchone()
-    assert row is not None
-    return row
 
 
 def fetch(sim: Simulator, after_cursor: str | None, limit: int = PAGE) -> dict[str, Any]:
@@ -113,9 +103,9 @@ def assert_cursor_at_the_end(sim: Simulator, db: str, *, rows: int) -> None:
     """The stored cursor is the end of the stream (nothing after it) and exactly ``rows``
     records were counted as applied."""
     row = cursor_row(db)
-    body = fetch(sim, row["cursor"])
-    assert body["records"] == [] and body["cursor"] == row["cursor"]
-    assert row["records_applied"] == rows
+    body = fetch(sim, row.cursor)
+    assert body["records"] == [] and body.cursor == row.cursor
+    assert row.records_applied == rows
 
 
 def assert_dead_lettered(db: str, sim: Simulator, sent: list[Any], reasons: list[str]) -> None:
@@ -128,7 +118,7 @@ def assert_dead_lettered(db: str, sim: Simulator, sent: list[Any], reasons: list
         assert d["consumer"] == "default"
         assert d["after_cursor"] is not None  # the bad records are not on the first page
         assert json.loads(d["raw"]) in fetch(sim, d["after_cursor"])["records"]
-    assert cursor_row(db)["dead_letters"] == len(sent)
+    assert cursor_row(db).dead_letters == len(sent)
 
 
 # --------------------------------------------------------------------------- bad records
@@ -137,11 +127,11 @@ def assert_dead_lettered(db: str, sim: Simulator, sent: list[Any], reasons: list
 @pytest.mark.parametrize(
     ("override", "reason"),
     [
-        ({"collection_id": _DROP}, "collection_id is missing"),
-        ({"upstream_id": _DROP}, "upstream_id is missing"),
-        ({"upstream_updated_at": _DROP}, "upstream_updated_at is missing"),
-        ({"deleted": _DROP}, "deleted is missing"),
-        ({"data": _DROP}, "data is missing"),
+        ({"collection_id": DROP}, "collection_id is missing"),
+        ({"upstream_id": DROP}, "upstream_id is missing"),
+        ({"upstream_updated_at": DROP}, "upstream_updated_at is missing"),
+        ({"deleted": DROP}, "deleted is missing"),
+        ({"data": DROP}, "data is missing"),
         ({"data": None}, "data is null on a record that is not deleted"),
         ({"data": ["a", "list"]}, "data must be an object"),
         ({"deleted": "false"}, "deleted must be a boolean"),
@@ -189,7 +179,7 @@ def test_a_delete_without_data_is_a_tombstone_not_a_dead_letter(
 ) -> None:
     key = ("stripe:customer", "gone-1")
     sim.append([sim.make_record(*key, at(0), {"v": 1})])
-    sim.append_raw(json.dumps(spec_record("gone-1", 1, data=_DROP, deleted=True)), sort_ts=at(1))
+    sim.append_raw(json.dumps(spec_record("gone-1", 1, data=DROP, deleted=True)), sort_ts=at(1))
 
     backfill(sim, db, SEQUIN_DELETE_MODE=mode)
 
@@ -527,7 +517,7 @@ def test_a_page_of_valid_json_in_the_wrong_shape_is_retried_then_applied(
     assert rows[("hubspot:deal", "shape-2")]["deleted"] is True
     assert dead_letters(db) == []
     row = cursor_row(db)
-    assert row["cursor"] == "c1" and row["records_applied"] == 2
+    assert row.cursor == "c1" and row.records_applied == 2
 
 
 def test_a_cursor_rejected_mid_stream_exits_4_keeping_only_what_came_before(
@@ -557,7 +547,7 @@ def test_a_cursor_rejected_mid_stream_exits_4_keeping_only_what_came_before(
     assert [r.get("after_cursor") for r in api.requests] == [None, "p1", "p2"]
     assert {uid for _, uid in fetch_rows(db)} == {"m-1", "m-2", "m-3", "m-4"}
     row = cursor_row(db)
-    assert row["cursor"] == "p2" and row["records_applied"] == 4
+    assert row.cursor == "p2" and row.records_applied == 4
     assert dead_letters(db) == []
 
 
@@ -632,7 +622,7 @@ def test_deeply_nested_data_does_not_block_the_stream(sim: Simulator, db: str, d
     assert {"before", "after"} <= rows.keys()
     stored = _squeeze(rows.get("deep") or "") == _squeeze(f'{{"d": {nested}}}')
     assert stored or [_squeeze(r) for r in raws] == [_squeeze(deep)]
-    assert cursor_row(db)["cursor"] == "d1"
+    assert cursor_row(db).cursor == "d1"
 
 
 # --------------------------------------------------------------------------- every item alone
@@ -703,7 +693,7 @@ def test_no_item_can_stop_the_stream(sim: Simulator, db: str) -> None:
     assert "record must be an object, got null" in by_item["null"]["reason"]
     assert by_item["number"]["raw"] == "12345678.12345678901"
     assert_cursor_at_the_end(sim, db, rows=sim.record_count())
-    assert cursor_row(db)["dead_letters"] == len(HOSTILE_ITEMS)
+    assert cursor_row(db).dead_letters == len(HOSTILE_ITEMS)
 
 
 @pytest.mark.parametrize(
@@ -737,7 +727,7 @@ def test_a_body_with_two_records_or_cursor_keys_is_refused_as_ambiguous(
     assert [r.get("after_cursor") for r in api.requests] == [None, None]
     assert dead_letters(db) == []
     row = cursor_row(db)
-    assert row["cursor"] == "c1" and row["records_applied"] == 2
+    assert row.cursor == "c1" and row.records_applied == 2
 
 
 def test_invalid_utf8_inside_data_on_an_otherwise_clean_page_is_dead_lettered(

@@ -21,9 +21,16 @@ import requests
 from psycopg import sql
 
 from tests.conftest import SCHEMA, fetch_rows
-from tests.helpers import TOKEN, assert_table_matches, run_cli, settings, worker_env
+from tests.helpers import (
+    TOKEN,
+    assert_table_matches,
+    metric,
+    run_cli,
+    settings,
+    wait_for,
+    worker_env,
+)
 from tests.integration.test_bad_input import dead_letters, spec_record
-from tests.integration.test_ops import metric, wait_for
 from tests.integration.test_store import T, apply_pages, make_store, raw
 from worker.errors import StoreFailure
 from worker.failures import FAILURE_CLASSES, RetryBudget, classify, what_to_fix
@@ -35,6 +42,9 @@ from worker.simulator import Simulator
 from worker.sync import LoopState
 
 # -- the classification (pure) --------------------------------------------------------------
+
+
+pytestmark = pytest.mark.sim(seed=7, records=120, record_size=100)
 
 
 @pytest.mark.parametrize(
@@ -144,12 +154,6 @@ def test_a_lock_timeout_is_transient(db: str) -> None:
 
 
 # -- end to end: budget, exit codes, messages, /healthz and metrics ---------------------------
-
-
-@pytest.fixture
-def sim() -> Iterator[Simulator]:
-    with Simulator(token=TOKEN, seed=7, records=120, record_size=100) as s:
-        yield s
 
 
 def test_backfill_with_a_batch_that_always_times_out_exits_6_without_fetching_again(

@@ -5,30 +5,29 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 import requests
 from structlog.testing import capture_logs
 
-from tests.conftest import fetch_one, fetch_rows
-from tests.helpers import TOKEN, assert_table_matches, run_cli, settings, worker_env
-from tests.crash.test_crash import terminate_backends, wait_for
+from tests.conftest import fetch_rows
+from tests.helpers import (
+    TOKEN,
+    assert_table_matches,
+    consumer_row,
+    run_cli,
+    settings,
+    terminate_backends,
+    wait_for,
+    worker_env,
+)
 from worker.metrics import Metrics
 from worker.ops import OpsServer
 from worker.service import run_consumer
 from worker.simulator import FaultConfig, Simulator
 from worker.sync import LoopState
 
-
-@pytest.fixture
-def sim() -> Iterator[Simulator]:
-    with Simulator(token=TOKEN, seed=11, records=3000) as s:
-        yield s
-
-
-def consumer_row(dsn: str) -> tuple[object, ...] | None:
-    return fetch_one(dsn, "SELECT cursor, records_applied FROM sequin.cursors")
+pytestmark = pytest.mark.sim(seed=11, records=3000)
 
 
 def test_backfill_against_a_trickling_api_gives_up_at_the_request_deadline(

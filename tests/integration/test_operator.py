@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import psycopg
@@ -26,11 +25,7 @@ from worker.status import Progress, human_duration
 from worker.sync import LoopState, Totals
 from worker.views import infer_type, plan_columns, sanitise_name, view_name
 
-
-@pytest.fixture
-def sim() -> Iterator[Simulator]:
-    with Simulator(token=TOKEN, seed=31, records=1500) as s:
-        yield s
+pytestmark = pytest.mark.sim(seed=31, records=1500)
 
 
 def backfill(sim: Simulator, dsn: str, **over: object) -> None:

@@ -3,56 +3,20 @@
 from __future__ import annotations
 
 import signal
-import socket
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 import requests
 
-from tests.helpers import TOKEN, settings, spawn_cli, worker_env
+from tests.helpers import free_port, metric, settings, spawn_cli, wait_for, worker_env
 from worker.metrics import Metrics
 from worker.ops import OpsServer
 from worker.service import run_consumer
 from worker.simulator import Simulator
 from worker.sync import LoopState
 
-
-@pytest.fixture
-def sim() -> Iterator[Simulator]:
-    with Simulator(token=TOKEN, seed=21, records=2000) as s:
-        yield s
-
-
-def metric(text: str, name: str) -> float:
-    """Sum of all samples of ``name`` (any labels) in an exposition text."""
-    total = 0.0
-    found = False
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            total += float(line.rsplit(" ", 1)[1])
-            found = True
-    assert found, f"{name} not exposed"
-    return total
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(cond, timeout: float = 30) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if cond():
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.1)
-    raise AssertionError("condition not met in time")
+pytestmark = pytest.mark.sim(seed=21, records=2000)
 
 
 def test_endpoints_in_process(sim: Simulator, db: str) -> None:

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +21,7 @@ import psycopg
 import pytest
 import requests
 
-from tests.helpers import ROOT, TOKEN, run_cli, settings, worker_env
-from tests.integration.test_ops import free_port, wait_for
+from tests.helpers import ROOT, free_port, run_cli, settings, wait_for, worker_env
 from worker import sqlfiles
 from worker.service import run_consumer
 from worker.simulator import Simulator
@@ -32,10 +30,7 @@ from worker.views import Column, plan_columns
 VIEW = "sequin.acme_widget"
 
 
-@pytest.fixture
-def sim() -> Iterator[Simulator]:
-    with Simulator(token=TOKEN, seed=7, records=0) as s:
-        yield s
+pytestmark = pytest.mark.sim(seed=7, records=0)
 
 
 def _ts(n: int) -> str:

@@ -8,30 +8,30 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 
 import psycopg
 import pytest
 
 from tests.conftest import fetch_one, fetch_rows
-from tests.helpers import TOKEN, assert_table_matches, run_cli, settings, spawn_cli, worker_env
+from tests.helpers import (
+    TOKEN,
+    assert_table_matches,
+    free_port,
+    run_cli,
+    settings,
+    spawn_cli,
+    stored_cursor,
+    wait_for,
+    worker_env,
+)
 from worker.service import run_consumer
 from worker.simulator import FaultConfig, Simulator
 
-
-@pytest.fixture
-def sim() -> Iterator[Simulator]:
-    with Simulator(token=TOKEN, seed=11, records=3000) as s:
-        yield s
+pytestmark = pytest.mark.sim(seed=11, records=3000)
 
 
 def backfill(sim: Simulator, dsn: str, **over: object):  # type: ignore[no-untyped-def]
     return run_consumer(settings(sim, dsn, **over), "backfill", threading.Event())
-
-
-def stored_cursor(dsn: str, consumer: str = "default") -> object:
-    row = fetch_one(dsn, "SELECT cursor FROM sequin.cursors WHERE consumer = %s", consumer)
-    return row[0] if row else None
 
 
 @pytest.mark.parametrize("mode", ["soft", "hard"])
@@ -217,14 +217,15 @@ def test_unreachable_database_exits_6_with_a_clear_message(sim: Simulator) -> No
 def test_run_serves_live_records_and_sigterm_exits_0(sim: Simulator, db: str) -> None:
     proc = spawn_cli(["run"], worker_env(sim, db))
     try:
-        _wait_for(
+        wait_for(
             lambda: (
                 stored_cursor(db) is not None and len(fetch_rows(db)) == len(sim.expected_state())
-            )
+            ),
+            60,
         )
         key = ("hubspot:deal", "live-1")
         sim.append([sim.make_record(*key, "2099-01-01T00:00:00Z", {"amount": 5})])
-        _wait_for(lambda: key in fetch_rows(db))
+        wait_for(lambda: key in fetch_rows(db), 60)
     finally:
         proc.send_signal(signal.SIGTERM)
         started = time.monotonic()
@@ -288,20 +289,10 @@ def test_custom_schema(sim: Simulator, empty_db: str) -> None:
     assert_table_matches(empty_db, sim.expected_state(), schema="sync_data")
 
 
-def _wait_for(cond, timeout: float = 60) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.1)
-    raise AssertionError("condition not met in time")
-
-
 def test_cli_simulate_serves_and_stops_on_sigterm(tmp_path: object) -> None:
     import requests
 
     from tests.helpers import ROOT
-    from tests.integration.test_ops import free_port
 
     port = free_port()
     proc = subprocess.Popen(
@@ -324,7 +315,7 @@ def test_cli_simulate_serves_and_stops_on_sigterm(tmp_path: object) -> None:
     )
     try:
         url = f"http://127.0.0.1:{port}/v1/records"
-        _wait_for(lambda: _answers(url))
+        wait_for(lambda: _answers(url), 60)
         body = requests.get(
             url, params={"limit": 500}, headers={"Authorization": "Bearer tok-sim"}, timeout=5
         ).json()
@@ -352,21 +343,19 @@ def test_run_never_gives_up_on_transient_failures(sim: Simulator, db: str) -> No
     only `backfill` gives up. Then SIGTERM still ends it cleanly."""
     import requests
 
-    from tests.integration.test_ops import free_port
-
     sim.faults = FaultConfig(rate_5xx=1.0)
     port = free_port()
     env = worker_env(sim, db, SEQUIN_MAX_RETRIES="1", SEQUIN_HTTP_PORT=str(port))
     down = worker_env(sim, "postgresql://x@127.0.0.1:1/none", SEQUIN_MAX_RETRIES="1")
     api_down, db_down = spawn_cli(["run"], env), spawn_cli(["run"], down)
     try:
-        _wait_for(lambda: len(sim.request_log) >= 4, timeout=30)  # well past 1 retry
+        wait_for(lambda: len(sim.request_log) >= 4, timeout=30)  # well past 1 retry
         time.sleep(1)
         assert api_down.poll() is None and db_down.poll() is None
         health = requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
         assert health.status_code == 200
         sim.faults = FaultConfig()
-        _wait_for(lambda: len(fetch_rows(db)) == len(sim.expected_state()))
+        wait_for(lambda: len(fetch_rows(db)) == len(sim.expected_state()), 60)
     finally:
         for proc in (api_down, db_down):
             proc.send_signal(signal.SIGTERM)

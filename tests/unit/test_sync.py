@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from tests.helpers import DROP, record
 from worker.api import Page
 from worker.errors import (
     CursorConflict,
@@ -26,13 +27,15 @@ from worker.sync import SyncLoop, next_step, poll_delay
 
 
 def rec(i: int, key: str | None = None) -> dict[str, Any]:
-    return {
-        "collection_id": "stripe:customer",
-        "upstream_id": key or f"k{i}",
-        "upstream_updated_at": f"2024-01-01T00:00:00.{i:06d}Z",
-        "data": {"i": i},
-        "deleted": False,
-    }
+    """Record ``i`` of a stream (key ``k<i>`` unless given), in stream order."""
+    return record(
+        key or f"k{i}",
+        f"2024-01-01T00:00:00.{i:06d}Z",
+        collection_id="stripe:customer",
+        data={"i": i},
+        sync_id=DROP,
+        created_at=DROP,
+    )
 
 
 class FakeSource:
