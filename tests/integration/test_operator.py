@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import pty
@@ -11,19 +10,17 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import psycopg
 import pytest
-from structlog.testing import capture_logs
 
 from tests.conftest import fetch_one
 from tests.helpers import ROOT, TOKEN, run_cli, settings, worker_env
 from worker.service import run_consumer
 from worker.simulator import FaultConfig, Simulator
-from worker.status import Progress, human_duration
-from worker.sync import LoopState, Totals
-from worker.views import infer_type, plan_columns, sanitise_name, view_name
+from worker.sync import LoopState
+from worker.views import view_name
 
 pytestmark = pytest.mark.sim(seed=31, records=1500)
 
@@ -90,43 +87,7 @@ def test_status_without_schema_or_database(sim: Simulator, empty_db: str) -> Non
     assert proc.returncode == 6 and "Traceback" not in proc.stderr
 
 
-def test_human_duration() -> None:
-    assert [human_duration(s) for s in (None, 5, 600, 7200, 86400 * 3)] == [
-        "-",
-        "5 s",
-        "10 min",
-        "2.0 h",
-        "3 d",
-    ]
-
-
 # -- views ----------------------------------------------------------------------------------
-
-
-def test_view_rules_are_pure() -> None:
-    assert view_name("stripe:subscription") == "stripe_subscription"
-    assert view_name("Sales-Force:Task Item") == "sales_force_task_item"
-    assert view_name('x"; drop table y;--') == "x_drop_table_y"
-    assert view_name("records") == "records_view"
-    assert sanitise_name("9lives") == "_9lives"
-    assert sanitise_name("日本") == "col"
-    assert len(sanitise_name("a" * 200)) == 63
-    assert infer_type({"number"}, True) == "numeric"
-    assert infer_type({"string"}, True) == "timestamptz"
-    assert infer_type({"string"}, False) == "text"
-    assert infer_type({"string", "null"}, False) == "text"
-    assert infer_type({"object"}, True) == "jsonb"
-    assert infer_type({"array", "string"}, False) == "jsonb"
-    assert infer_type({"number", "string"}, False) == "text"
-    assert infer_type({"null"}, True) == "text"
-    cols = plan_columns(
-        [("upstream_id", "string", False), ("A b", "number", True), ("a_b", "boolean", True)]
-    )
-    assert [(c.name, c.key, c.pg_type) for c in cols] == [
-        ("a_b", "A b", "numeric"),
-        ("a_b_2", "a_b", "boolean"),
-        ("data_upstream_id", "upstream_id", "text"),
-    ]
 
 
 def _columns(dsn: str, view: str) -> dict[str, str]:
@@ -233,29 +194,6 @@ def test_a_relation_that_is_not_ours_is_left_alone(sim: Simulator, db: str) -> N
 
 
 # -- progress -------------------------------------------------------------------------------
-
-
-def test_progress_event_in_json_mode() -> None:
-    totals, state = Totals(), LoopState()
-    totals.received, totals.dead_lettered = 1234, 2
-    state.newest_applied = datetime.now(UTC) - timedelta(hours=3)
-    with capture_logs() as logs:
-        Progress(totals, state, tty=False).emit()
-    (event,) = logs
-    assert event["event"] == "progress"
-    assert event["records"] == 1234 and event["dead_lettered"] == 2
-    assert 3 * 3600 - 5 < event["lag_s"] < 3 * 3600 + 5
-
-
-def test_progress_line_on_a_tty() -> None:
-    out = io.StringIO()
-    totals, state = Totals(), LoopState()
-    totals.received = 5000
-    state.newest_applied = datetime.now(UTC) - timedelta(days=2)
-    Progress(totals, state, tty=True, stream=out).emit()
-    line = out.getvalue()
-    assert line.startswith("\r\x1b[K") and "5,000 records" in line and "2 d behind now" in line
-    assert "%" not in line  # no fake percentage: the API gives no total
 
 
 def test_backfill_shows_a_live_progress_line_on_a_terminal(db: str) -> None:
