@@ -195,6 +195,17 @@ def terminate_backends(db: str, pattern: str) -> int:
     return int(row[0])
 
 
+def view_columns(dsn: str, view: str) -> list[tuple[str, str]]:
+    """(column name, data type) of a view in the ``sequin`` schema, in column order."""
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT column_name, data_type FROM information_schema.columns "
+            "WHERE table_schema = 'sequin' AND table_name = %s ORDER BY ordinal_position",
+            (view,),
+        ).fetchall()
+    return [(str(n), str(t)) for n, t in rows]
+
+
 # --------------------------------------------------------------------------- records
 
 DROP = object()  # as an override, removes the field from the record

@@ -16,7 +16,7 @@ import psycopg
 import pytest
 
 from tests.conftest import fetch_one
-from tests.helpers import ROOT, TOKEN, run_cli, settings, worker_env
+from tests.helpers import ROOT, TOKEN, run_cli, settings, view_columns, worker_env
 from worker.service import run_consumer
 from worker.simulator import FaultConfig, Simulator
 from worker.sync import LoopState
@@ -90,16 +90,6 @@ def test_status_without_schema_or_database(sim: Simulator, empty_db: str) -> Non
 # -- views ----------------------------------------------------------------------------------
 
 
-def _columns(dsn: str, view: str) -> dict[str, str]:
-    with psycopg.connect(dsn) as conn:
-        rows = conn.execute(
-            "SELECT column_name, data_type FROM information_schema.columns "
-            "WHERE table_schema = 'sequin' AND table_name = %s ORDER BY ordinal_position",
-            (view,),
-        ).fetchall()
-    return dict(rows)  # type: ignore[arg-type]
-
-
 def test_views_expose_typed_columns_over_live_rows(sim: Simulator, db: str) -> None:
     ts = "2030-01-01T00:00:00Z"
     sim.append(
@@ -134,7 +124,7 @@ def test_views_expose_typed_columns_over_live_rows(sim: Simulator, db: str) -> N
         ]
     )
     backfill(sim, db)  # auto views: created when collections appear, refreshed at catch-up
-    cols = _columns(db, "acme_widget")
+    cols = dict(view_columns(db, "acme_widget"))
     assert cols == {
         "upstream_id": "text",
         "upstream_updated_at": "timestamp with time zone",
@@ -153,18 +143,18 @@ def test_views_expose_typed_columns_over_live_rows(sim: Simulator, db: str) -> N
     assert float(rows[0][1]) == 1.5 and rows[1][2] is False
     assert rows[1][3] == datetime(2029, 5, 2, 8, 0, tzinfo=UTC)
     for coll in {k[0] for k in sim.expected_state()}:
-        assert _columns(db, view_name(coll)), coll
+        assert view_columns(db, view_name(coll)), coll
 
 
 def test_views_follow_the_json_after_a_refresh(sim: Simulator, db: str) -> None:
     backfill(sim, db)
-    assert "rating" not in _columns(db, "hubspot_deal")
+    assert "rating" not in dict(view_columns(db, "hubspot_deal"))
     sim.append([sim.make_record("hubspot:deal", "d-new", "2031-01-01T00:00:00Z", {"rating": 5})])
     backfill(sim, db)
     proc = run_cli(["views"], worker_env(sim, db))
     assert proc.returncode == 0, proc.stderr
     assert "sequin.hubspot_deal: hubspot:deal" in proc.stdout
-    assert _columns(db, "hubspot_deal")["rating"] == "numeric"
+    assert dict(view_columns(db, "hubspot_deal"))["rating"] == "numeric"
 
 
 def test_hostile_names_are_sanitised_and_quoted(sim: Simulator, db: str) -> None:
@@ -177,7 +167,7 @@ def test_hostile_names_are_sanitised_and_quoted(sim: Simulator, db: str) -> None
     backfill(sim, db)
     assert fetch_one(db, "SELECT to_regclass('public.y') IS NOT NULL") == (True,)
     name = view_name(f"{evil}:{evil}")
-    cols = _columns(db, name)
+    cols = dict(view_columns(db, name))
     assert cols["x_drop_table_y"] == "text" and cols["ok"] == "numeric"
     with psycopg.connect(db) as conn:
         assert conn.execute(f'SELECT x_drop_table_y FROM sequin."{name}"').fetchall() == [("v",)]
@@ -187,7 +177,7 @@ def test_a_relation_that_is_not_ours_is_left_alone(sim: Simulator, db: str) -> N
     with psycopg.connect(db, autocommit=True) as conn:
         conn.execute("CREATE TABLE sequin.stripe_customer (mine int)")
     backfill(sim, db)
-    assert _columns(db, "stripe_customer") == {"mine": "integer"}
+    assert dict(view_columns(db, "stripe_customer")) == {"mine": "integer"}
     proc = run_cli(["views"], worker_env(sim, db))
     assert proc.returncode == 0
     assert "skipped sequin.stripe_customer" in proc.stdout
