@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import IO, Any, NamedTuple
 
 import psycopg
 import requests
@@ -57,12 +57,13 @@ def worker_env(sim: Simulator, dsn: str, **over: str) -> dict[str, str]:
 
 
 def run_cli(
-    args: list[str], env: dict[str, str], timeout: float = 120
+    args: list[str], env: dict[str, str], timeout: float = 120, *, cwd: Path = ROOT
 ) -> subprocess.CompletedProcess[str]:
+    """``python -m worker ARGS`` to its end, output captured as text."""
     return subprocess.run(
         [sys.executable, "-m", "worker", *args],
         env=env,
-        cwd=ROOT,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -70,13 +71,16 @@ def run_cli(
     )
 
 
-def spawn_cli(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
+def spawn_cli(
+    args: list[str], env: dict[str, str], *, output: IO[str] | None = None
+) -> subprocess.Popen[str]:
+    """``python -m worker ARGS`` started; its stdout and stderr piped, or both into ``output``."""
     return subprocess.Popen(
         [sys.executable, "-m", "worker", *args],
         env=env,
         cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stdout=output or subprocess.PIPE,
+        stderr=output or subprocess.PIPE,
         text=True,
     )
 

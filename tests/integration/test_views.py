@@ -21,7 +21,16 @@ import psycopg
 import pytest
 import requests
 
-from tests.helpers import ROOT, free_port, run_cli, settings, view_columns, wait_for, worker_env
+from tests.helpers import (
+    ROOT,
+    free_port,
+    run_cli,
+    settings,
+    spawn_cli,
+    view_columns,
+    wait_for,
+    worker_env,
+)
 from worker import sqlfiles
 from worker.service import run_consumer
 from worker.simulator import Simulator
@@ -139,13 +148,7 @@ def test_a_reader_of_a_view_never_stalls_the_service(
     reader = _hold_view(db)
     log_path = tmp_path / "run.log"
     with log_path.open("w") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "worker", "run"],
-            env=env,
-            cwd=ROOT,
-            stdout=log_file,
-            stderr=log_file,
-        )
+        proc = spawn_cli(["run"], env, output=log_file)
         try:
             wait_for(lambda: requests.get(health, timeout=2).json()["caught_up"] is True)
             # Well past the heartbeat timeout, while the keeper keeps being refused the lock:
