@@ -13,7 +13,7 @@ import re
 from tests.helpers import ROOT
 
 TESTS = ROOT / "tests"
-CITATION = re.compile(r"`((?:[a-z]+/)+test_\w+\.py)?(?:::([\w*]+))?(\[[\w-]+\])?`")
+CITATION = re.compile(r"`((?:[a-z0-9]+/)+test_\w+\.py)?(?:::([\w*]+))?(\[[\w-]+\])?`")
 
 
 def _tests_of(path: str) -> dict[str, str]:
