@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -18,6 +19,7 @@ import requests
 
 from tests.conftest import fetch_one, fetch_rows
 from worker.config import Settings
+from worker.service import Outcome, run_consumer
 from worker.simulator import Simulator
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,6 +36,11 @@ def settings(sim: Simulator, dsn: str, **over: Any) -> Settings:
     }
     values.update(over)
     return Settings(_env_file=None, **values)
+
+
+def backfill(sim: Simulator, dsn: str, **over: Any) -> Outcome:
+    """One in-process ``backfill`` against ``sim`` (settings as :func:`settings`)."""
+    return run_consumer(settings(sim, dsn, **over), "backfill", threading.Event())
 
 
 def worker_env(sim: Simulator, dsn: str, **over: str) -> dict[str, str]:

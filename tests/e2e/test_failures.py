@@ -12,7 +12,13 @@ from tests.helpers import (
     run_cli,
     worker_env,
 )
-from tests.integration.test_failures import SLOW_ROWS, admin, dbname, limited_role
+from tests.integration.test_failures import (
+    SLOW_ROWS,
+    admin,
+    dbname,
+    drop_roles,  # noqa: F401  (a fixture, used by name)
+    limited_role,
+)
 from worker.simulator import Simulator
 
 pytestmark = pytest.mark.sim(seed=7, records=120, record_size=100)

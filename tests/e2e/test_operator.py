@@ -14,8 +14,7 @@ import time
 import psycopg
 import pytest
 
-from tests.helpers import ROOT, TOKEN, run_cli, settings, view_columns, worker_env
-from tests.integration.test_operator import backfill
+from tests.helpers import ROOT, TOKEN, backfill, run_cli, settings, view_columns, worker_env
 from worker.service import run_consumer
 from worker.simulator import FaultConfig, Simulator
 from worker.sync import LoopState

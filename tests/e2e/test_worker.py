@@ -16,6 +16,7 @@ from tests.helpers import (
     ROOT,
     TOKEN,
     assert_table_matches,
+    backfill,
     free_port,
     run_cli,
     spawn_cli,
@@ -23,7 +24,6 @@ from tests.helpers import (
     wait_for,
     worker_env,
 )
-from tests.integration.test_worker import _answers, backfill
 from worker.simulator import FaultConfig, Simulator
 
 pytestmark = pytest.mark.sim(seed=11, records=3000)
@@ -175,3 +175,13 @@ def test_run_never_gives_up_on_transient_failures(sim: Simulator, db: str) -> No
         results = [proc.communicate(timeout=15) for proc in (api_down, db_down)]
     assert [api_down.returncode, db_down.returncode] == [0, 0], results
     assert "api_retry" in results[0][1] and "db_retry" in results[1][1]
+
+
+def _answers(url: str) -> bool:
+    import requests
+
+    try:
+        requests.get(url, timeout=1)
+    except requests.ConnectionError:
+        return False
+    return True

@@ -30,6 +30,7 @@ import requests
 from psycopg.rows import dict_row
 from structlog.testing import capture_logs
 
+from tests import helpers
 from tests.conftest import fetch_rows
 from tests.helpers import (
     DROP,
@@ -37,9 +38,8 @@ from tests.helpers import (
     assert_table_matches,
     cursor_row,
     record,
-    settings,
 )
-from worker.service import Outcome, run_consumer
+from worker.service import Outcome
 from worker.simulator import Simulator
 
 Key = tuple[str, str]
@@ -57,7 +57,7 @@ def at(seconds: float) -> str:
 
 def backfill(sim: Simulator, db: str, **over: object) -> Outcome:
     over.setdefault("SEQUIN_PAGE_SIZE", PAGE)
-    outcome = run_consumer(settings(sim, db, **over), "backfill", threading.Event())
+    outcome = helpers.backfill(sim, db, **over)
     assert outcome.caught_up
     return outcome
 

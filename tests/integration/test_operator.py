@@ -3,23 +3,17 @@
 from __future__ import annotations
 
 import json
-import threading
 from datetime import UTC, datetime
 
 import psycopg
 import pytest
 
 from tests.conftest import fetch_one
-from tests.helpers import settings, view_columns
-from worker.service import run_consumer
+from tests.helpers import backfill, view_columns
 from worker.simulator import Simulator
 from worker.views import view_name
 
 pytestmark = pytest.mark.sim(seed=31, records=1500)
-
-
-def backfill(sim: Simulator, dsn: str, **over: object) -> None:
-    run_consumer(settings(sim, dsn, **over), "backfill", threading.Event())
 
 
 # -- status ---------------------------------------------------------------------------------

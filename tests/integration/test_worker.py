@@ -14,17 +14,12 @@ from tests.helpers import (
     ROOT,
     TOKEN,
     assert_table_matches,
-    settings,
+    backfill,
     stored_cursor,
 )
-from worker.service import run_consumer
 from worker.simulator import FaultConfig, Simulator
 
 pytestmark = pytest.mark.sim(seed=11, records=3000)
-
-
-def backfill(sim: Simulator, dsn: str, **over: object):  # type: ignore[no-untyped-def]
-    return run_consumer(settings(sim, dsn, **over), "backfill", threading.Event())
 
 
 @pytest.mark.parametrize("mode", ["soft", "hard"])
@@ -204,13 +199,3 @@ def test_concurrent_migrations_apply_each_version_once(empty_db: str) -> None:
 def test_custom_schema(sim: Simulator, empty_db: str) -> None:
     backfill(sim, empty_db, SEQUIN_DB_SCHEMA="sync_data")
     assert_table_matches(empty_db, sim.expected_state(), schema="sync_data")
-
-
-def _answers(url: str) -> bool:
-    import requests
-
-    try:
-        requests.get(url, timeout=1)
-    except requests.ConnectionError:
-        return False
-    return True
