@@ -1,14 +1,18 @@
 """Bad input, end to end: from the wire through the client, the record rules and Postgres.
 
-test_records.py proves the rules on Python values and test_store.py the SQL on parsed pages;
-here every case travels the whole way (HTTP body -> decode -> validate -> COPY -> jsonb), with
-good records on both sides of the bad one, and each test checks the same three things:
+unit/test_records.py proves the rules on Python values and test_store.py the SQL on parsed
+pages; here every case travels the whole way (HTTP body -> decode -> validate -> COPY ->
+jsonb), with good records on both sides of the bad one, and each test checks the same three
+things:
 
 * the good records land (the table equals the stream's expected state);
 * each bad record is in ``dead_letters`` verbatim (``json.loads(raw)`` is what was sent),
   with its reason, and the page it came from can be fetched again from ``after_cursor``;
 * the stored cursor is never ahead of the data: it is the end of the stream only when all of
   it is applied, and ``records_applied`` counts exactly the records that became rows.
+
+The cases that run the installed command (``python -m worker backfill``) are in
+e2e/test_bad_input.py.
 """
 
 from __future__ import annotations

@@ -144,7 +144,7 @@ def check(
     goods = {f"u{i}": x for i, (kind, x) in enumerate(page) if kind == "good"}
     # The fast path hands data to Postgres undecoded: invalid UTF-8 in it reaches the store,
     # whose COPY refuses it and dead-letters that row alone with this same text
-    # (test_bad_input.py::test_invalid_utf8_inside_data_on_an_otherwise_clean_page_...).
+    # (integration/test_bad_input.py::test_invalid_utf8_inside_data_on_an_otherwise_clean_page_...).
     refused = [
         r for r in parsed.records if isinstance(r.data_json, bytes) and not _is_utf8(r.data_json)
     ]
