@@ -106,7 +106,7 @@ def assert_cursor_at_the_end(sim: Simulator, db: str, *, rows: int) -> None:
     records were counted as applied."""
     row = cursor_row(db)
     body = fetch(sim, row.cursor)
-    assert body["records"] == [] and body.cursor == row.cursor
+    assert body["records"] == [] and body["cursor"] == row.cursor
     assert row.records_applied == rows
 
 
