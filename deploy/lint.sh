@@ -154,7 +154,7 @@ if [[ -n "$PROMTOOL" ]]; then
 fi
 
 echo "== Grafana dashboard"
-# Its queries run against a real Prometheus in tests/test_prometheus.py; here, its shape.
+# Its queries run against a real Prometheus in tests/e2e/test_prometheus.py; here, its shape.
 if "$PYTHON" - deploy/grafana/sequin-worker.json >"$TMP/out" 2>&1 <<'PY'
 import json
 import sys

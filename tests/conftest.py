@@ -18,6 +18,7 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from worker.pg.migrations import migrate
+from worker.simulator import Simulator
 
 SCHEMA = "sequin"
 
@@ -82,6 +83,20 @@ def empty_db(pg_server: str) -> Iterator[str]:
         conn.execute(
             sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
         )
+
+
+@pytest.fixture
+def sim(request: pytest.FixtureRequest) -> Iterator[Simulator]:
+    """A simulator over a real socket, serving our test token, stopped after the test.
+
+    Its options come from the closest ``sim`` marker (e.g. a module's
+    ``pytestmark = pytest.mark.sim(seed=3, records=1200)``), passed to ``Simulator``."""
+    from tests.helpers import TOKEN  # here: tests.helpers imports this module
+
+    marker = request.node.get_closest_marker("sim")
+    options: dict[str, object] = {"token": TOKEN} | (marker.kwargs if marker else {})
+    with Simulator(**options) as s:  # type: ignore[arg-type]
+        yield s
 
 
 def fetch_rows(dsn: str, schema: str = SCHEMA) -> dict[tuple[str, str], dict[str, object]]:

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +21,16 @@ import psycopg
 import pytest
 import requests
 
-from tests.helpers import ROOT, TOKEN, run_cli, settings, worker_env
-from tests.test_ops import free_port, wait_for
+from tests.helpers import (
+    ROOT,
+    free_port,
+    run_cli,
+    settings,
+    spawn_cli,
+    view_columns,
+    wait_for,
+    worker_env,
+)
 from worker.pg import sqlfiles
 from worker.pg.views import Column, plan_columns
 from worker.service import run_consumer
@@ -32,24 +39,11 @@ from worker.simulator import Simulator
 VIEW = "sequin.acme_widget"
 
 
-@pytest.fixture
-def sim() -> Iterator[Simulator]:
-    with Simulator(token=TOKEN, seed=7, records=0) as s:
-        yield s
+pytestmark = pytest.mark.sim(seed=7, records=0)
 
 
 def _ts(n: int) -> str:
     return f"2030-01-01T00:00:{n:02d}Z"
-
-
-def _columns(dsn: str, view: str = "acme_widget") -> list[tuple[str, str]]:
-    with psycopg.connect(dsn) as conn:
-        rows = conn.execute(
-            "SELECT column_name, data_type FROM information_schema.columns "
-            "WHERE table_schema = 'sequin' AND table_name = %s ORDER BY ordinal_position",
-            (view,),
-        ).fetchall()
-    return [(str(n), str(t)) for n, t in rows]
 
 
 def _events(text: str) -> list[dict[str, Any]]:
@@ -81,7 +75,11 @@ def _widget_with_new_key(sim: Simulator, dsn: str, env: dict[str, str]) -> None:
     so the next refresh has DDL to do on a view."""
     sim.append([sim.make_record("acme:widget", "w1", _ts(1), {"name": "a"})])
     assert run_cli(["backfill"], env).returncode == 0
-    assert [n for n, _ in _columns(dsn)] == ["upstream_id", "upstream_updated_at", "name"]
+    assert [n for n, _ in view_columns(dsn, "acme_widget")] == [
+        "upstream_id",
+        "upstream_updated_at",
+        "name",
+    ]
     sim.append([sim.make_record("acme:widget", "w2", _ts(2), {"name": "b", "price": 2})])
 
 
@@ -114,7 +112,7 @@ def test_a_reader_of_a_view_never_stalls_a_backfill(sim: Simulator, db: str) -> 
         deferred = [e for e in _events(err) if e["event"] == "view_refresh_deferred"]
         assert [e["view"] for e in deferred] == [VIEW]
         assert _read_view(db) == 2  # the rows are in; the view kept its old columns
-        assert "price" not in dict(_columns(db))
+        assert "price" not in dict(view_columns(db, "acme_widget"))
     finally:
         reader.close()  # the analyst's transaction ends
     # The next refresh does what was deferred, with CREATE OR REPLACE: `name` keeps its place.
@@ -122,7 +120,7 @@ def test_a_reader_of_a_view_never_stalls_a_backfill(sim: Simulator, db: str) -> 
     assert proc2.returncode == 0, proc2.stderr
     refreshed = [e for e in _events(proc2.stderr) if e["event"] == "view_refreshed"]
     assert [(e["view"], e["action"]) for e in refreshed] == [(VIEW, "extended")]
-    assert _columns(db) == [
+    assert view_columns(db, "acme_widget") == [
         ("upstream_id", "text"),
         ("upstream_updated_at", "timestamp with time zone"),
         ("name", "text"),
@@ -150,13 +148,7 @@ def test_a_reader_of_a_view_never_stalls_the_service(
     reader = _hold_view(db)
     log_path = tmp_path / "run.log"
     with log_path.open("w") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "worker", "run"],
-            env=env,
-            cwd=ROOT,
-            stdout=log_file,
-            stderr=log_file,
-        )
+        proc = spawn_cli(["run"], env, output=log_file)
         try:
             wait_for(lambda: requests.get(health, timeout=2).json()["caught_up"] is True)
             # Well past the heartbeat timeout, while the keeper keeps being refused the lock:
@@ -166,10 +158,10 @@ def test_a_reader_of_a_view_never_stalls_the_service(
                 assert requests.get(health, timeout=5).status_code == 200
                 assert _read_view(db) == 2
                 time.sleep(0.1)
-            assert "price" not in dict(_columns(db))
+            assert "price" not in dict(view_columns(db, "acme_widget"))
             reader.close()
             # Retried on its own once the reader is gone.
-            wait_for(lambda: "price" in dict(_columns(db)))
+            wait_for(lambda: "price" in dict(view_columns(db, "acme_widget")))
             assert requests.get(health, timeout=5).status_code == 200
         finally:
             reader.close()
@@ -187,7 +179,7 @@ def test_a_new_key_never_renames_an_old_column(sim: Simulator, db: str) -> None:
     # `ID` sanitises to `id` too (and sorts before it): it must not take `id` over.
     sim.append([sim.make_record("acme:widget", "w2", _ts(2), {"ID": "X-2", "id": 2, "name": "b"})])
     assert run_cli(["backfill"], env).returncode == 0
-    assert _columns(db) == [
+    assert view_columns(db, "acme_widget") == [
         ("upstream_id", "text"),
         ("upstream_updated_at", "timestamp with time zone"),
         ("id", "numeric"),
@@ -234,7 +226,7 @@ def test_only_iso_8601_timestamps_read_as_timestamptz(sim: Simulator, db: str) -
     env = worker_env(sim, db, SEQUIN_AUTO_VIEWS="true")
     sim.append([sim.make_record("acme:widget", "w0", _ts(1), {"at": "2029-05-01T10:00:00Z"})])
     assert run_cli(["backfill"], env).returncode == 0
-    assert dict(_columns(db))["at"] == "timestamp with time zone"
+    assert dict(view_columns(db, "acme_widget"))["at"] == "timestamp with time zone"
     sim.append(
         [
             sim.make_record("acme:widget", f"w{i + 1:02d}", _ts(2), {"at": value})
@@ -278,7 +270,7 @@ def test_the_keeper_never_lists_the_collections_of_the_records_table(
     assert "view_key_types" in used
     assert not {"collections_present", "collections_all"} & set(used)
     for view in ("acme_widget", "acme_gadget", "other_thing"):
-        assert dict(_columns(db, view))["n"] == "numeric"
+        assert dict(view_columns(db, view))["n"] == "numeric"
 
 
 def test_the_views_command_covers_rows_stored_without_auto_views(sim: Simulator, db: str) -> None:
@@ -291,7 +283,7 @@ def test_the_views_command_covers_rows_stored_without_auto_views(sim: Simulator,
     )
     env = worker_env(sim, db, SEQUIN_AUTO_VIEWS="false")
     assert run_cli(["backfill"], env).returncode == 0
-    assert not _columns(db)
+    assert not view_columns(db, "acme_widget")
     proc = run_cli(["views"], env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == [
@@ -320,7 +312,7 @@ def test_a_type_change_recreates_the_view_keeping_names_and_order(sim: Simulator
     assert proc.returncode == 0, proc.stderr
     refreshed = [e for e in _events(proc.stderr) if e["event"] == "view_refreshed"]
     assert [(e["view"], e["action"]) for e in refreshed] == [(VIEW, "recreated")]
-    assert _columns(db) == [
+    assert view_columns(db, "acme_widget") == [
         ("upstream_id", "text"),
         ("upstream_updated_at", "timestamp with time zone"),
         ("name", "text"),

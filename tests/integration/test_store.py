@@ -9,6 +9,7 @@ import psycopg
 import pytest
 
 from tests.conftest import SCHEMA, fetch_one, fetch_rows
+from tests.helpers import cursor_row, record
 from worker.errors import ConsumerMismatch, CursorConflict, StoreFailure
 from worker.model import Batch, ConsumerConfig
 from worker.pg import sqlfiles
@@ -19,17 +20,13 @@ from worker.records import parse_page
 def raw(
     uid: str, ts: str, n: int = 0, *, coll: str = "stripe:customer", **over: Any
 ) -> dict[str, Any]:
-    r: dict[str, Any] = {
+    fields: dict[str, Any] = {
         "sync_id": "e6bd2ca5-36aa-4fce-9730-5543509a7747",
         "collection_id": coll,
-        "upstream_id": uid,
-        "upstream_updated_at": ts,
         "data": {"n": n},
-        "deleted": False,
         "created_at": ts,
     }
-    r.update(over)
-    return r
+    return record(**({"upstream_id": uid, "upstream_updated_at": ts} | fields | over))
 
 
 def T(sec: int) -> str:
@@ -69,17 +66,6 @@ def data_n(dsn: str) -> dict[str, Any]:
         k[1]: (None if v["data"] is None else v["data"]["n"], v["deleted"])
         for k, v in fetch_rows(dsn).items()
     }
-
-
-def cursor_row(dsn: str, consumer: str = "default") -> tuple[Any, ...]:
-    row = fetch_one(
-        dsn,
-        "SELECT cursor, records_applied, pages_applied, dead_letters, last_upstream_updated_at "
-        "FROM sequin.cursors WHERE consumer = %s",
-        consumer,
-    )
-    assert row is not None
-    return row
 
 
 def test_rows_and_cursor_commit_together(db: str) -> None:
@@ -157,13 +143,13 @@ def test_soft_delete_of_a_key_never_seen(db: str) -> None:
     assert data_n(db) == {"ghost": (None, True)}
 
 
-def test_stale_delete_does_not_remove_a_newer_row(db: str) -> None:
-    for mode in ("soft", "hard"):
-        store = make_store(db, mode=mode, name=mode)
-        uid = f"k-{mode}"
-        apply_pages(store, [raw(uid, T(5), 5)])
-        apply_pages(store, [raw(uid, T(4), deleted=True, data=None)])
-        assert data_n(db)[uid] == (5, False)
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_stale_delete_does_not_remove_a_newer_row(db: str, mode: str) -> None:
+    store = make_store(db, mode=mode, name=mode)
+    uid = f"k-{mode}"
+    apply_pages(store, [raw(uid, T(5), 5)])
+    apply_pages(store, [raw(uid, T(4), deleted=True, data=None)])
+    assert data_n(db) == {uid: (5, False)}  # the row, unchanged, and nothing else
 
 
 def test_hard_delete_removes_the_row(db: str) -> None:

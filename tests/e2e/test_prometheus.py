@@ -18,7 +18,7 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -27,8 +27,7 @@ import pytest
 import requests
 import yaml
 
-from tests.helpers import ROOT, TOKEN, spawn_cli, worker_env
-from tests.test_ops import free_port
+from tests.helpers import ROOT, TOKEN, free_port, spawn_cli, wait_for, worker_env
 from worker.simulator import FaultConfig, Simulator
 
 PROMETHEUS = shutil.which("prometheus")
@@ -58,21 +57,6 @@ pytestmark = pytest.mark.skipif(
 # return data through its other target (the failing-seconds gauge), and they must parse.
 MAY_BE_EMPTY = {("Batch failures", "A")}
 RATE_INTERVAL = "20s"  # what Grafana would put for $__rate_interval at a 1 s scrape interval
-
-
-def wait_until(what: str, cond: Callable[[], Any], timeout: float = 60) -> Any:
-    """Poll ``cond`` until it returns something truthy; fail naming ``what``."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = cond()
-            if last:
-                return last
-        except requests.RequestException as exc:
-            last = exc
-        time.sleep(0.25)
-    raise AssertionError(f"{what}: not within {timeout} s (last: {last!r})")
 
 
 @contextmanager
@@ -181,12 +165,14 @@ def test_prometheus_scrapes_a_real_worker(db: str, tmp_path: Path) -> None:
         worker = spawn_cli(["run"], worker_env(sim, db, SEQUIN_HTTP_PORT=str(ops_port)))
         try:
             metrics_url = f"http://127.0.0.1:{ops_port}/metrics"
-            wait_until(
-                "the worker's dead letter",
+            wait_for(
                 lambda: (
                     "sequin_worker_records_dead_lettered_total{"
                     in requests.get(metrics_url, timeout=2).text
                 ),
+                60,
+                "the worker's dead letter",
+                step=0.25,
             )
 
             # The reference linter on the live exposition.
@@ -201,12 +187,17 @@ def test_prometheus_scrapes_a_real_worker(db: str, tmp_path: Path) -> None:
             )
             assert lint.returncode == 0, f"promtool check metrics:\n{lint.stdout}{lint.stderr}"
 
-            wait_until(
-                "Prometheus scraping the worker",
+            wait_for(
                 lambda: query(prom, 'up{job="sequin-worker"} == 1'),
+                60,
+                "Prometheus scraping the worker",
+                step=0.25,
             )
-            assert wait_until(
-                "sequin_worker_ready == 1", lambda: query(prom, "sequin_worker_ready == 1")
+            assert wait_for(
+                lambda: query(prom, "sequin_worker_ready == 1"),
+                60,
+                "sequin_worker_ready == 1",
+                step=0.25,
             )
 
             # Every dashboard expression parses and returns data.
@@ -221,7 +212,9 @@ def test_prometheus_scrapes_a_real_worker(db: str, tmp_path: Path) -> None:
                     if (title, ref) not in MAY_BE_EMPTY and not query(prom, expr)
                 ]
 
-            wait_until("every dashboard query returns data", lambda: not empty() or None)
+            wait_for(
+                lambda: not empty() or None, 60, "every dashboard query returns data", step=0.25
+            )
             for title in {t for t, _, _ in targets}:
                 assert any(query(prom, e) for t, _, e in targets if t == title), title
 
@@ -231,9 +224,11 @@ def test_prometheus_scrapes_a_real_worker(db: str, tmp_path: Path) -> None:
                 r = requests.get(f"{prom}/api/v1/rules", timeout=5).json()
                 return [rule for g in r["data"]["groups"] for rule in g["rules"]]
 
-            wait_until(
-                "every rule evaluated",
+            wait_for(
                 lambda: all(r.get("lastEvaluation", "").startswith("2") for r in rules()) or None,
+                60,
+                "every rule evaluated",
+                step=0.25,
             )
             time.sleep(2)
             bad = [(r["name"], r.get("lastError")) for r in rules() if r["health"] != "ok"]
@@ -258,7 +253,7 @@ def test_prometheus_scrapes_a_real_worker(db: str, tmp_path: Path) -> None:
                     a for a in alerts if a["labels"].get("alertname") == "SequinWorkerDeadLetters"
                 ]
 
-            (alert,) = wait_until("SequinWorkerDeadLetters in Alertmanager", delivered)
+            (alert,) = wait_for(delivered, 60, "SequinWorkerDeadLetters in Alertmanager", step=0.25)
             assert alert["labels"]["consumer"] == "default"
             assert alert["labels"]["collection"] == "stripe:customer"
             assert re.search(r"\bConsumer default kept\b", alert["annotations"]["description"])

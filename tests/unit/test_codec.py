@@ -3,7 +3,7 @@ items, checked against the record rules and against Postgres' own jsonb equality
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -128,12 +128,6 @@ PATHS: dict[str, Callable[[bytes, list[bytes]], tuple[list[Any], str]]] = {
 }
 
 
-@pytest.fixture(scope="module")
-def pg(pg_server: str) -> Iterator[psycopg.Connection[tuple[Any, ...]]]:
-    with psycopg.connect(pg_server, autocommit=True) as conn:
-        yield conn
-
-
 def check(
     conn: psycopg.Connection[tuple[Any, ...]] | None,
     page: list[tuple[str, Any]],
@@ -150,7 +144,7 @@ def check(
     goods = {f"u{i}": x for i, (kind, x) in enumerate(page) if kind == "good"}
     # The fast path hands data to Postgres undecoded: invalid UTF-8 in it reaches the store,
     # whose COPY refuses it and dead-letters that row alone with this same text
-    # (test_bad_input.py::test_invalid_utf8_inside_data_on_an_otherwise_clean_page_...).
+    # (integration/test_bad_input.py::test_invalid_utf8_inside_data_on_an_otherwise_clean_page_...).
     refused = [
         r for r in parsed.records if isinstance(r.data_json, bytes) and not _is_utf8(r.data_json)
     ]
@@ -195,20 +189,6 @@ def test_a_page_of_valid_records_takes_the_fast_path_exactly(
     check(None, page, "decode_page")
     items = [record_item(i, x) for i, (_, x) in enumerate(page)]
     _whole_page_fast(body_of(items, "c"), items)
-
-
-@pytest.mark.parametrize("path", list(PATHS))
-@settings(
-    max_examples=25,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
-@given(page=pages)
-def test_postgres_sees_the_data_sent_on_every_path(
-    pg: psycopg.Connection[tuple[Any, ...]], path: str, page: list[tuple[str, Any]]
-) -> None:
-    """The text handed to COPY equals the text sent by Postgres' own jsonb equality."""
-    check(pg, page, path)
 
 
 def test_bad_envelopes_stay_retryable_bad_bodies() -> None:

@@ -21,12 +21,16 @@ import requests
 from psycopg import sql
 
 from tests.conftest import SCHEMA, fetch_rows
-from tests.helpers import TOKEN, assert_table_matches, run_cli, settings, worker_env
-from tests.test_bad_input import dead_letters, spec_record
-from tests.test_ops import metric, wait_for
-from tests.test_store import T, apply_pages, make_store, raw
+from tests.helpers import (
+    TOKEN,
+    assert_table_matches,
+    metric,
+    settings,
+    wait_for,
+)
+from tests.integration.test_bad_input import dead_letters, spec_record
+from tests.integration.test_store import T, apply_pages, make_store, raw
 from worker.errors import StoreFailure
-from worker.failures import FAILURE_CLASSES, RetryBudget, classify, what_to_fix
 from worker.metrics import Metrics
 from worker.ops import OpsServer
 from worker.pg.migrations import migrate
@@ -37,61 +41,7 @@ from worker.sync import LoopState
 # -- the classification (pure) --------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("sqlstate", "expected"),
-    [
-        (None, "connection_lost"),  # libpq: could not connect, connection closed
-        ("08006", "connection_lost"),  # connection_failure
-        ("08001", "connection_lost"),
-        ("57P01", "connection_lost"),  # admin_shutdown (pg_terminate_backend)
-        ("57P03", "connection_lost"),  # cannot_connect_now
-        ("25P03", "connection_lost"),  # idle_in_transaction_session_timeout
-        ("25006", "connection_lost"),  # read-only: a standby after a failover
-        ("53300", "connection_lost"),  # too_many_connections
-        ("40001", "transient"),  # serialization_failure
-        ("40P01", "transient"),  # deadlock_detected
-        ("55P03", "transient"),  # lock_not_available (lock_timeout)
-        ("57014", "resource"),  # query_canceled (statement_timeout)
-        ("53100", "resource"),  # disk_full
-        ("53200", "resource"),  # out_of_memory
-        ("54000", "resource"),  # program_limit_exceeded
-        ("58030", "resource"),  # io_error
-        ("42501", "permanent"),  # insufficient_privilege
-        ("42P01", "permanent"),  # undefined_table
-        ("42703", "permanent"),  # undefined_column
-        ("3D000", "permanent"),  # invalid_catalog_name
-        ("3F000", "permanent"),  # invalid_schema_name
-        ("28P01", "permanent"),  # invalid_password
-        ("23514", "permanent"),  # check_violation (a constraint added by someone)
-        ("57P04", "permanent"),  # database_dropped
-        ("XX001", "permanent"),  # data_corrupted
-        ("XX000", "transient"),  # internal_error: unknown, retried under the budget
-        ("zz999", "transient"),
-    ],
-)
-def test_classification_by_sqlstate(sqlstate: str | None, expected: str) -> None:
-    assert classify(sqlstate) == expected
-    assert expected in FAILURE_CLASSES
-
-
-def test_each_permanent_failure_says_what_to_fix() -> None:
-    assert "GRANT" in what_to_fix("42501").upper()
-    assert "SEQUIN_DB_SCHEMA" in what_to_fix("42P01")
-    assert "DATABASE_URL" in what_to_fix("3D000")
-    assert "DATABASE_URL" in what_to_fix("28P01")
-    assert what_to_fix("99999")  # never empty
-
-
-def test_the_budget_is_reset_only_by_success_and_permanent_gives_up_at_once() -> None:
-    budget = RetryBudget(max_retries=2, initial=0.001)
-    assert [budget.decide("transient").give_up for _ in range(3)] == [False, False, True]
-    budget.succeeded()
-    first = budget.decide("resource")
-    assert not first.give_up and first.split and first.attempt == 1
-    assert budget.decide("permanent").give_up
-    forever = RetryBudget(max_retries=None)
-    assert not any(forever.decide("connection_lost").give_up for _ in range(100))
-    assert max(forever.decide("connection_lost").wait for _ in range(5)) <= 30.0
+pytestmark = pytest.mark.sim(seed=7, records=120, record_size=100)
 
 
 # -- real Postgres errors get their class -----------------------------------------------------
@@ -146,32 +96,6 @@ def test_a_lock_timeout_is_transient(db: str) -> None:
 # -- end to end: budget, exit codes, messages, /healthz and metrics ---------------------------
 
 
-@pytest.fixture
-def sim() -> Iterator[Simulator]:
-    with Simulator(token=TOKEN, seed=7, records=120, record_size=100) as s:
-        yield s
-
-
-def test_backfill_with_a_batch_that_always_times_out_exits_6_without_fetching_again(
-    sim: Simulator, db: str
-) -> None:
-    """Before: each timeout counted as a lost connection whose count reset at the next
-    reconnect, so backfill retried for ever and fetched the same pages every time."""
-    admin(db, SLOW_ROWS, f"ALTER DATABASE {dbname(db)} SET statement_timeout = '200ms'")
-    env = worker_env(sim, db, SEQUIN_MAX_RETRIES="2", SEQUIN_PAGE_SIZE="40")
-    proc = run_cli(["backfill"], env, timeout=60)
-    assert proc.returncode == 6, proc.stderr[-2000:]
-    assert "3 attempts" in proc.stderr and "statement timeout" in proc.stderr
-    assert "Traceback" not in proc.stderr
-    events = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
-    retries = [e for e in events if e["event"] == "db_retry"]
-    assert [(e["class"], e["attempt"]) for e in retries] == [("resource", 1), ("resource", 2)]
-    assert retries[1]["failing_s"] > retries[0]["failing_s"]
-    first_page = [e for e in sim.request_log if "after_cursor" not in e.params]
-    assert len(first_page) == 1  # the held pages were applied again, not fetched again
-    assert fetch_rows(db) == {}
-
-
 def limited_role(db: str, *, can_migrate: bool) -> str:
     """A role that may check the migrations (``can_migrate``) and move its cursor, but was
     never granted the records table. Dropped with the test's database (see drop_roles)."""
@@ -205,39 +129,6 @@ def drop_roles(db: str) -> Iterator[None]:  # after `db`, so that it runs before
     while _roles:
         db, ident = _roles.pop()
         admin(db, f"DROP OWNED BY {ident}", f"DROP ROLE {ident}")
-
-
-@pytest.mark.usefixtures("drop_roles")
-@pytest.mark.parametrize(
-    ("command", "where"),
-    [("backfill", "batch"), ("run", "batch"), ("backfill", "migrations")],
-)
-def test_a_missing_privilege_stops_at_once_with_exit_6_and_what_to_fix(
-    sim: Simulator, db: str, command: str, where: str
-) -> None:
-    """Before: the same exit 6, but with Postgres' message alone."""
-    dsn = limited_role(db, can_migrate=where == "batch")
-    env = worker_env(sim, dsn, SEQUIN_MAX_RETRIES="20", SEQUIN_AUTO_VIEWS="false")
-    started = time.monotonic()
-    proc = run_cli([command], env, timeout=60)
-    assert proc.returncode == 6, proc.stderr[-2000:]
-    assert time.monotonic() - started < 20  # no retries: 20 of them would take minutes
-    last = proc.stderr.strip().splitlines()[-1]
-    assert "permission denied" in last and "42501" in last and "grant" in last, last
-    assert ("records" in last) == (where == "batch"), last
-    assert "Traceback" not in proc.stderr
-    assert '"db_retry"' not in proc.stderr
-
-
-def test_a_dropped_records_table_stops_at_once_with_exit_6_and_what_to_fix(
-    sim: Simulator, db: str
-) -> None:
-    admin(db, "DROP TABLE sequin.records CASCADE")
-    proc = run_cli(["backfill"], worker_env(sim, db, SEQUIN_AUTO_VIEWS="false"), timeout=60)
-    assert proc.returncode == 6, proc.stderr[-2000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert "does not exist" in last and "42P01" in last and "SEQUIN_DB_SCHEMA" in last, last
-    assert '"db_retry"' not in proc.stderr
 
 
 def test_run_keeps_retrying_a_failing_batch_but_healthz_and_metrics_show_it(

@@ -2,57 +2,20 @@
 
 from __future__ import annotations
 
-import signal
-import socket
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 import requests
 
-from tests.helpers import TOKEN, settings, spawn_cli, worker_env
+from tests.helpers import metric, settings, wait_for
 from worker.metrics import Metrics
 from worker.ops import OpsServer
 from worker.service import run_consumer
 from worker.simulator import Simulator
 from worker.sync import LoopState
 
-
-@pytest.fixture
-def sim() -> Iterator[Simulator]:
-    with Simulator(token=TOKEN, seed=21, records=2000) as s:
-        yield s
-
-
-def metric(text: str, name: str) -> float:
-    """Sum of all samples of ``name`` (any labels) in an exposition text."""
-    total = 0.0
-    found = False
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            total += float(line.rsplit(" ", 1)[1])
-            found = True
-    assert found, f"{name} not exposed"
-    return total
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(cond, timeout: float = 30) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if cond():
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.1)
-    raise AssertionError("condition not met in time")
+pytestmark = pytest.mark.sim(seed=21, records=2000)
 
 
 def test_endpoints_in_process(sim: Simulator, db: str) -> None:
@@ -109,50 +72,3 @@ def test_endpoints_in_process(sim: Simulator, db: str) -> None:
         assert requests.get(f"{base}/nope", timeout=5).status_code == 404
     finally:
         ops.stop()
-
-
-def test_two_processes_of_one_consumer_one_leader(sim: Simulator, db: str) -> None:
-    ports = [free_port(), free_port()]
-    procs = [spawn_cli(["run"], worker_env(sim, db, SEQUIN_HTTP_PORT=str(p))) for p in ports]
-    try:
-        for p in ports:
-            wait_for(
-                lambda p=p: (
-                    requests.get(f"http://127.0.0.1:{p}/readyz", timeout=2).status_code == 200
-                )
-            )
-
-        def leaders() -> list[float]:
-            return [
-                metric(
-                    requests.get(f"http://127.0.0.1:{p}/metrics", timeout=2).text,
-                    "sequin_worker_leader",
-                )
-                for p in ports
-            ]
-
-        wait_for(lambda: sorted(leaders()) == [0.0, 1.0])
-        for p in ports:  # the standby is alive too
-            assert requests.get(f"http://127.0.0.1:{p}/healthz", timeout=2).status_code == 200
-        leader = ports[leaders().index(1.0)]
-        text = requests.get(f"http://127.0.0.1:{leader}/metrics", timeout=2).text
-        wait_for(
-            lambda: (
-                metric(
-                    requests.get(f"http://127.0.0.1:{leader}/metrics", timeout=2).text,
-                    "sequin_worker_records_received_total",
-                )
-                == 2000
-            )
-        )
-        assert text
-    finally:
-        started = time.monotonic()
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        codes = [proc.wait(timeout=15) for proc in procs]
-        elapsed = time.monotonic() - started
-        for proc in procs:
-            proc.communicate()
-    assert codes == [0, 0]
-    assert elapsed < 10

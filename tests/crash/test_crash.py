@@ -23,14 +23,25 @@ import threading
 import time
 from collections.abc import Callable, Iterator, MutableMapping
 from datetime import UTC, datetime, timedelta
-from typing import IO, Any, NamedTuple
+from typing import IO, Any
 
 import psycopg
 import pytest
 import requests
 from structlog.testing import capture_logs
 
-from tests.helpers import TOKEN, assert_table_matches, run_cli, settings, spawn_cli, worker_env
+from tests.helpers import (
+    TOKEN,
+    assert_table_matches,
+    consumer_row,
+    run_cli,
+    settings,
+    spawn_cli,
+    stored_cursor,
+    terminate_backends,
+    wait_for,
+    worker_env,
+)
 from worker.pg.locks import consumer_lock_key
 from worker.service import Outcome, run_consumer
 from worker.simulator import FaultConfig, Simulator
@@ -45,37 +56,6 @@ LogEvent = MutableMapping[str, Any]
 # --------------------------------------------------------------------------- helpers
 
 
-def wait_for(cond: Callable[[], object], timeout: float, what: str, step: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(step)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-class ConsumerRow(NamedTuple):
-    cursor: str | None
-    records_applied: int
-    pages_applied: int
-    dead_letters: int
-
-
-def consumer_row(db: str, consumer: str = "default") -> ConsumerRow | None:
-    with psycopg.connect(db) as conn:
-        row = conn.execute(
-            "SELECT cursor, records_applied, pages_applied, dead_letters "
-            "FROM sequin.cursors WHERE consumer = %s",
-            (consumer,),
-        ).fetchone()
-    return None if row is None else ConsumerRow(*row)
-
-
-def stored_cursor(db: str, consumer: str = "default") -> str | None:
-    row = consumer_row(db, consumer)
-    return None if row is None else row.cursor
-
-
 def dead_letter_count(db: str) -> int:
     with psycopg.connect(db) as conn:
         row = conn.execute("SELECT count(*) FROM sequin.dead_letters").fetchone()
@@ -88,19 +68,6 @@ def worker_backends(db: str, pattern: str = "sequin-worker%") -> int:
         row = conn.execute(
             "SELECT count(*) FROM pg_stat_activity "
             "WHERE datname = current_database() AND application_name LIKE %s",
-            (pattern,),
-        ).fetchone()
-    assert row is not None
-    return int(row[0])
-
-
-def terminate_backends(db: str, pattern: str) -> int:
-    """``pg_terminate_backend`` every session of this database whose application_name matches."""
-    with psycopg.connect(db, autocommit=True) as conn:
-        row = conn.execute(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-            "WHERE datname = current_database() AND application_name LIKE %s "
-            "AND pid <> pg_backend_pid()",
             (pattern,),
         ).fetchone()
     assert row is not None

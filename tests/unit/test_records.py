@@ -10,6 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.helpers import DROP as _DROP
+from tests.helpers import record as rec
 from worker.records import (
     REPLACEMENT,
     InvalidRecord,
@@ -22,23 +24,6 @@ from worker.records import (
     validate,
     versions_by_key,
 )
-
-
-def rec(**over: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {
-        "sync_id": "70a313f8-7c94-43d4-8d0c-5659a52de5c4",
-        "collection_id": "salesforce:task",
-        "upstream_id": "0018b000021BldZAAS",
-        "upstream_updated_at": "2024-11-10T18:39:00.070453Z",
-        "data": {"activity_date": "2023-09-12", "n": 1},
-        "deleted": False,
-        "created_at": "2024-11-10T18:39:00.070453Z",
-    }
-    base.update(over)
-    return {k: v for k, v in base.items() if v is not _DROP}
-
-
-_DROP = object()
 
 
 def test_valid_record_from_the_spec() -> None:

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from tests.helpers import DROP, record
 from worker.api import Page
 from worker.errors import (
     CursorConflict,
@@ -26,13 +27,15 @@ from worker.sync import SyncLoop, next_step, poll_delay
 
 
 def rec(i: int, key: str | None = None) -> dict[str, Any]:
-    return {
-        "collection_id": "stripe:customer",
-        "upstream_id": key or f"k{i}",
-        "upstream_updated_at": f"2024-01-01T00:00:00.{i:06d}Z",
-        "data": {"i": i},
-        "deleted": False,
-    }
+    """Record ``i`` of a stream (key ``k<i>`` unless given), in stream order."""
+    return record(
+        key or f"k{i}",
+        f"2024-01-01T00:00:00.{i:06d}Z",
+        collection_id="stripe:customer",
+        data={"i": i},
+        sync_id=DROP,
+        created_at=DROP,
+    )
 
 
 class FakeSource:
@@ -90,7 +93,20 @@ class FakeSink:
 
 
 def make_loop(source: FakeSource, sink: FakeSink, *, mode: str = "backfill", **kw: Any) -> SyncLoop:
-    return SyncLoop(lambda: source, sink, mode=mode, stop=threading.Event(), **kw)  # type: ignore[arg-type]
+    kw.setdefault("stop", threading.Event())
+    return SyncLoop(lambda: source, sink, mode=mode, **kw)  # type: ignore[arg-type]
+
+
+class RecordedWaits(threading.Event):
+    """A stop event that is never set and whose waits return at once, recording each timeout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits: list[float | None] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waits.append(timeout)
+        return False
 
 
 def test_next_step_is_pure_pagination_logic() -> None:
@@ -154,8 +170,7 @@ def test_lost_database_reconnects_and_resumes_from_what_committed() -> None:
     source = FakeSource([rec(i) for i in range(50)], limit=10, log=log)
     sink = FakeSink()
     sink.fail_next = [StoreUnavailable("gone")]
-    loop = make_loop(source, sink, batch_max_records=10)
-    loop._max_db_retries = 3
+    loop = make_loop(source, sink, batch_max_records=10, max_db_retries=3)
     assert loop.run() is True
     assert sink.connects == 2
     assert sink.cursor == "50" and len(sink.rows) == 50
@@ -258,9 +273,9 @@ def test_a_batch_that_always_fails_spends_the_budget_across_reconnects() -> None
 
 def test_the_backoff_grows_across_reconnects() -> None:
     sink = FlakySink(lambda b, n: failure("connection_lost"))
-    loop = make_loop(FakeSource([rec(0)], limit=10, log=[]), sink, max_db_retries=4)
-    waits: list[float] = []
-    loop._stop.wait = lambda t: waits.append(t) or False  # type: ignore[method-assign,func-returns-value]
+    stop = RecordedWaits()
+    loop = make_loop(FakeSource([rec(0)], limit=10, log=[]), sink, max_db_retries=4, stop=stop)
+    waits = stop.waits
     with pytest.raises(DatabaseUnavailable):
         loop.run()
     # Exponential with jitter in [0.5, 1]: each step's range sits above the previous one's.

@@ -20,19 +20,18 @@ import pytest
 from structlog.testing import capture_logs
 
 from tests.conftest import fetch_one, fetch_rows
-from tests.helpers import TOKEN, assert_table_matches, run_cli, worker_env
-from tests.proxy import BlackHoleProxy, blackhole_proxy
-from tests.test_crash import (
+from tests.crash.test_crash import (
     StreamIndex,
     Worker,
     assert_consistent,
     assert_exact_end_state,
     caught_up,
     lock_holders,
-    wait_for,
     worker_backends,
 )
-from tests.test_store import make_store
+from tests.helpers import TOKEN, assert_table_matches, run_cli, wait_for, worker_env
+from tests.integration.test_store import make_store
+from tests.proxy import BlackHoleProxy, blackhole_proxy
 from worker.model import ApplyResult, Batch
 from worker.pg.connection import DbTimeouts
 from worker.pg.lease import Lease
