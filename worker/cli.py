@@ -157,7 +157,7 @@ def _db_password(dsn: str) -> str:
 
 def summary_line(totals: Totals) -> str:
     return (
-        f"backfill complete: {totals.received} records in {totals.seconds:.1f} s "
+        f"backfill complete: {totals.received} records in {totals.elapsed:.1f} s "
         f"({totals.rate():.0f} records/s): {totals.upserted} upserted, {totals.deleted} deleted, "
         f"{totals.skipped} unchanged, {totals.dead_lettered} dead-lettered"
     )

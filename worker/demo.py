@@ -70,7 +70,7 @@ def main(records: int = 20000) -> int:
         print(_table(dsn))
         print()
         print(
-            f"backfilled {t.received} records in {t.seconds:.1f} s "
+            f"backfilled {t.received} records in {t.elapsed:.1f} s "
             f"({t.rate():.0f} records/s); a second run would change nothing."
         )
         if where == "DATABASE_URL":
