@@ -2,14 +2,14 @@
 
 The loop sees the API and the database only through two ports, :class:`worker.ports.Source`
 and :class:`worker.ports.Sink`, and imports nothing but the domain (model, errors, rules,
-paging, failures), so its rules are tested with the in-memory fakes of :mod:`worker.testing`
+paging, failures, config) and its own prefetch thread, so its rules are tested with the in-memory fakes of :mod:`worker.testing`
 and its integration with the real client and store.
 
 Shape of a session (from one committed cursor):
 
-* a prefetch thread fetches and validates pages, starting at the committed cursor; the next
-  request needs only the previous response's cursor, so fetching overlaps writing. A bounded
-  queue keeps memory flat.
+* a prefetch thread (:mod:`worker.prefetch`) fetches and validates pages, starting at the
+  committed cursor; the next request needs only the previous response's cursor, so fetching
+  overlaps writing. A bounded queue keeps memory flat.
 * the applying thread takes the first waiting page and, while behind, the pages already
   waiting behind it (up to ``batch_max_records``), and applies them as one batch whose
   cursor is the last page's. While tailing that is one page per transaction.
@@ -42,27 +42,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Literal
 
 import structlog
 
 from worker.config import BATCH_MAX_RECORDS, MAX_RETRIES, POLL_INTERVAL, PREFETCH_PAGES
-from worker.errors import CursorConflict, FailureClass, Stopped, StoreFailure
+from worker.errors import CursorConflict, FailureClass, StoreFailure
 from worker.failures import FailureHandler
 from worker.model import ApplyResult, Batch, ParsedPage
-from worker.paging import Paginator, poll_delay
+from worker.paging import Paginator
 from worker.ports import Sink, Source
-from worker.records import parse_page
+from worker.prefetch import Fetched, Prefetcher
+from worker.prefetch import Mode as Mode  # "run" or "backfill"
 
 log = structlog.get_logger("worker.sync")
-
-Mode = Literal["run", "backfill"]
-
-
-@dataclass(slots=True)
-class Fetched:
-    page: ParsedPage
-    caught_up: bool
 
 
 @dataclass(slots=True)
@@ -109,111 +101,6 @@ class LoopState:
         self.heartbeat = time.monotonic()
         if status is not None:
             self.status = status
-
-
-class Prefetcher:
-    """Fetches and validates pages ahead of the writer on a daemon thread.
-
-    Items on :attr:`queue` are :class:`Fetched` pages in stream order, or the exception that
-    ended the thread. The queue is bounded by ``depth`` pages. The fetch cursor and the checks
-    of the pagination contract belong to ``paginator`` (the prefetcher holds no cursor of its
-    own); ``on_progress`` is called after each page fetched and during poll waits (the
-    heartbeat).
-    """
-
-    def __init__(
-        self,
-        source: Source,
-        paginator: Paginator,
-        *,
-        mode: Mode,
-        poll_interval: float,
-        depth: int,
-        stop: threading.Event,
-        on_progress: Callable[[], object] | None = None,
-    ) -> None:
-        self.queue: queue.Queue[Fetched | BaseException] = queue.Queue(maxsize=depth)
-        self._source = source
-        self._paginator = paginator
-        self._on_progress = on_progress
-        self._mode = mode
-        self._poll_interval = poll_interval
-        self._stop = stop
-        self._halt = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="prefetch", daemon=True)
-
-    def start(self) -> Prefetcher:
-        self._thread.start()
-        return self
-
-    def halt(self) -> None:
-        """Stop fetching at once: the request in flight or the retry wait is aborted and the
-        thread exits. Its source is closed by the thread itself, never shared with a later
-        prefetcher."""
-        self._halt.set()
-        self._source.abort()
-
-    def join(self, timeout: float) -> bool:
-        """Wait for the thread to end; True if it has."""
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
-
-    def _beat(self) -> None:
-        if self._on_progress is not None:
-            self._on_progress()
-
-    def _wait(self, seconds: float) -> bool:
-        """A deliberate wait (beating); True if told to stop meanwhile."""
-        end = time.monotonic() + seconds
-        while not self._stopping():
-            self._beat()
-            left = end - time.monotonic()
-            if left <= 0:
-                return False
-            self._halt.wait(min(left, 0.25))
-        return True
-
-    def _stopping(self) -> bool:
-        return self._halt.is_set() or self._stop.is_set()
-
-    def _put(self, item: Fetched | BaseException) -> bool:
-        while not self._stopping():
-            try:
-                self.queue.put(item, timeout=0.2)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _run(self) -> None:
-        paginator = self._paginator
-        try:
-            while not self._stopping():
-                page = self._source.fetch_page(paginator.cursor)
-                parsed = parse_page(
-                    page.records,
-                    cursor=page.cursor,
-                    after_cursor=page.after_cursor,
-                    raw_texts=page.raw_texts,
-                )
-                step = paginator.advance(page, parsed)  # before the page can be applied
-                self._beat()
-                if not self._put(Fetched(parsed, caught_up=step == "caught_up")):
-                    return
-                if step == "caught_up":
-                    if self._mode == "backfill":
-                        return
-                    if self._wait(poll_delay(self._poll_interval)):
-                        return
-        except Stopped:
-            # The source was told to stop (the process's stop event may reach it before the
-            # relay sets this session's): the writer sees its own stop; nothing to report.
-            return
-        except BaseException as exc:
-            if not self._stopping():
-                self._put(exc)
-        finally:
-            self._source.close()
 
 
 class SyncLoop:
