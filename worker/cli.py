@@ -30,7 +30,6 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from types import FrameType
-from typing import NoReturn
 
 import orjson
 import psycopg
@@ -38,20 +37,7 @@ import structlog
 
 from worker import __version__, logs
 from worker.config import Settings, load_settings
-from worker.errors import (
-    ApiUnavailable,
-    ConfigError,
-    ConsumerMismatch,
-    DatabaseRefused,
-    DatabaseUnavailable,
-    InvalidRequest,
-    ProtocolViolation,
-    RequestRejected,
-    SchemaMissing,
-    Stopped,
-    StoreFailure,
-    TokenRejected,
-)
+from worker.errors import CheckFailed, CommandRefused, SchemaMissing, WorkerError
 from worker.metrics import Metrics
 from worker.migrations import migrate
 from worker.ops import OpsServer
@@ -63,22 +49,7 @@ log = structlog.get_logger("worker.cli")
 
 EXIT_OK = 0
 EXIT_BUG = 1
-EXIT_CONFIG = 2
-EXIT_TOKEN = 3
-EXIT_REJECTED = 4
-EXIT_API_DOWN = 5
-EXIT_DB = 6
-EXIT_BUSY = 7
-EXIT_CHECK = 8
-
-
-class Exit(Exception):
-    """Leave with ``code`` after printing ``message`` on stderr (no traceback)."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+# Every other exit code is carried by its error (worker.errors: WorkerError.exit_code).
 
 
 # A stop that has not ended the process by then ends it (exit 0: every write is transactional,
@@ -164,7 +135,7 @@ def summary_line(totals: Totals) -> str:
 
 
 def cmd_sync(args: argparse.Namespace, mode: str) -> int:
-    from worker.errors import ConsumerBusy
+    from worker.errors import Stopped
     from worker.service import run_consumer
 
     settings = _settings(("api_token", "database_url"))
@@ -207,9 +178,6 @@ def cmd_sync(args: argparse.Namespace, mode: str) -> int:
         caught_up = outcome.caught_up
     except Stopped:
         pass  # stopped during an API retry wait: an ordinary stop
-    except ConsumerBusy as exc:
-        failed = type(exc).__name__
-        raise Exit(EXIT_BUSY, str(exc)) from None
     except BaseException as exc:
         failed = type(exc).__name__
         raise
@@ -240,8 +208,7 @@ def _start_ops(settings: Settings, state: LoopState, metrics: Metrics) -> OpsSer
             heartbeat_timeout=settings.heartbeat_timeout,
         ).start()
     except OSError as exc:
-        raise Exit(
-            EXIT_CONFIG,
+        raise CommandRefused(
             f"SEQUIN_HTTP_PORT: cannot listen on {settings.http_host}:{settings.http_port} "
             f"({exc.strerror})",
         ) from None
@@ -275,8 +242,7 @@ def cmd_reset(args: argparse.Namespace) -> int:
     assert settings.database_url is not None
     name = args.consumer or settings.consumer
     if not args.yes:
-        raise Exit(
-            EXIT_CONFIG,
+        raise CommandRefused(
             f"this deletes the cursor of consumer {name!r}: its next run starts from the "
             "beginning of the stream. Repeat with --yes to do it.",
         )
@@ -348,7 +314,7 @@ def cmd_views(_args: argparse.Namespace) -> int:
 def cmd_check(_args: argparse.Namespace) -> int:
     from worker.check import run_checks
 
-    return EXIT_OK if run_checks() else EXIT_CHECK
+    return EXIT_OK if run_checks() else CheckFailed.exit_code  # each problem already printed
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -402,9 +368,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
-def _fail(code: int, message: str) -> NoReturn:
-    print(f"sequin-worker: {logs.redact(message)}", file=sys.stderr, flush=True)
-    sys.exit(code)
+def _say(line: str) -> None:
+    print(f"sequin-worker: {logs.redact(line)}", file=sys.stderr, flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -417,33 +382,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except Exit as exc:
-        _fail(exc.code, exc.message)
-    except ConfigError as exc:
-        for line in exc.problems:
-            print(f"sequin-worker: config: {line}", file=sys.stderr)
-        sys.exit(EXIT_CONFIG)
-    except ConsumerMismatch as exc:
-        _fail(EXIT_CONFIG, str(exc))
-    except TokenRejected as exc:
-        _fail(EXIT_TOKEN, str(exc))
-    except (RequestRejected, InvalidRequest, ProtocolViolation) as exc:
-        _fail(EXIT_REJECTED, str(exc))
-    except ApiUnavailable as exc:
-        _fail(EXIT_API_DOWN, str(exc))
-    except (DatabaseRefused, DatabaseUnavailable, StoreFailure) as exc:
-        _fail(EXIT_DB, f"database: {exc}")
-    except SchemaMissing as exc:
-        _fail(EXIT_DB, str(exc))
-    except psycopg.Error as exc:
-        _fail(EXIT_DB, f"database error: {str(exc).strip().splitlines()[0]}")
-    except Stopped:
-        return EXIT_OK
+    except WorkerError as exc:
+        # Every expected failure: its lines, and the exit code it carries (Stopped: 0, an
+        # ordinary stop, said nothing).
+        if exc.exit_code != EXIT_OK:
+            for line in exc.lines():
+                _say(line)
+        return exc.exit_code
     except KeyboardInterrupt:
         return EXIT_OK
     except Exception:
         log.exception("internal_error")
-        _fail(EXIT_BUG, "internal error (a bug; the log above has the traceback)")
+        _say("internal error (a bug; the log above has the traceback)")
+        return EXIT_BUG
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -21,6 +21,7 @@ from worker.config import Settings
 from worker.embedded import throwaway_postgres
 from worker.service import run_consumer
 from worker.simulator import Simulator
+from worker.status import table
 
 DEMO_SCHEMA = "sequin_demo"
 DEMO_TOKEN = "demo-token"  # noqa: S105 - the simulator's, not a secret
@@ -99,13 +100,4 @@ def _table(dsn: str) -> str:
     header = ("collection", "live", "deleted", "dead letters")
     body = [(str(r[0]), str(r[1]), str(r[2]), str(r[3])) for r in rows]
     totals = ("total", *(str(sum(int(r[i]) for r in body)) for i in (1, 2, 3)))
-    widths = [max(len(x[i]) for x in [header, *body, totals]) for i in range(4)]
-
-    def fmt(row: tuple[str, ...]) -> str:
-        return "  ".join(
-            v.ljust(w) if i == 0 else v.rjust(w)
-            for i, (v, w) in enumerate(zip(row, widths, strict=True))
-        )
-
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([fmt(header), rule, *map(fmt, body), rule, fmt(totals)])
+    return table(header, body, right={1, 2, 3}, footer=totals)

@@ -2,8 +2,8 @@
 
 The loop sees the API and the database only through two ports, :class:`worker.ports.Source`
 and :class:`worker.ports.Sink`, and imports nothing but the domain (model, errors, rules,
-paging, failures, config) and its own prefetch thread, so its rules are tested with the in-memory fakes of :mod:`worker.testing`
-and its integration with the real client and store.
+paging, failures, config) and its own prefetch thread, so its rules are tested with the
+in-memory fakes of :mod:`worker.testing` and its integration with the real client and store.
 
 Shape of a session (from one committed cursor):
 
