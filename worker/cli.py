@@ -1,13 +1,14 @@
 """The ``sequin-worker`` command line.
 
-Exit codes (also in the README):
+Exit codes (also in the README; each carried by its error, see :mod:`worker.errors`):
 
 ==  ===========================================================================
 0   success; or stopped by SIGTERM/SIGINT (within 10 s: the batch in flight is given
     a second to finish, then cancelled and rolled back)
 1   unexpected internal error (a bug: the traceback is logged)
 2   configuration error: a bad or missing setting, or a consumer whose stored filters
-    differ from the configured ones
+    differ from the configured ones; ``reset`` without ``--yes``; the ops port taken;
+    ``demo`` with neither DATABASE_URL nor the ``embedded`` extra
 3   the API rejected the token (401/403)
 4   the API rejected a request (another 4xx, e.g. an invalid cursor), or answered in a
     way that breaks the pagination contract (a cursor that does not advance, cycles or
