@@ -12,6 +12,7 @@ import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -22,6 +23,7 @@ from worker.embedded import throwaway_postgres
 from worker.service import run_consumer
 from worker.simulator import Simulator
 from worker.status import table
+from worker.store import connect, store_failure
 
 DEMO_SCHEMA = "sequin_demo"
 DEMO_TOKEN = "demo-token"  # noqa: S105 - the simulator's, not a secret
@@ -54,10 +56,9 @@ def main(records: int = 20000) -> int:
             sim.append_raw(fragment)
         print(f"simulator: {sim.base_url}/v1/records ({records} records + {len(_MALFORMED)} bad)")
         print(f"database:  {where}, schema {DEMO_SCHEMA}")
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(
-                sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(DEMO_SCHEMA))
-            )
+        _execute(
+            dsn, sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(DEMO_SCHEMA))
+        )
         settings = Settings(
             SEQUIN_API_TOKEN=DEMO_TOKEN,
             SEQUIN_BASE_URL=sim.base_url,
@@ -95,9 +96,19 @@ def _table(dsn: str) -> str:
         GROUP BY c.collection_id ORDER BY c.collection_id
         """
     ).format(s=sql.Identifier(DEMO_SCHEMA))
-    with psycopg.connect(dsn) as conn:
-        rows = conn.execute(query).fetchall()
+    rows = _execute(dsn, query)
     header = ("collection", "live", "deleted", "dead letters")
     body = [(str(r[0]), str(r[1]), str(r[2]), str(r[3])) for r in rows]
     totals = ("total", *(str(sum(int(r[i]) for r in body)) for i in (1, 2, 3)))
     return table(header, body, right={1, 2, 3}, footer=totals)
+
+
+def _execute(dsn: str, query: sql.Composed) -> list[tuple[Any, ...]]:
+    """Run one statement on a bounded connection; a psycopg error becomes the domain's
+    :class:`~worker.errors.StoreFailure` (exit 6), through the store's one translation."""
+    try:
+        with connect(dsn, autocommit=True) as conn:
+            cur = conn.execute(query)
+            return cur.fetchall() if cur.description else []
+    except psycopg.Error as exc:
+        raise store_failure(exc) from None
