@@ -63,7 +63,7 @@ from worker.errors import (
     Stopped,
     TokenRejected,
 )
-from worker.failures import backoff_delay
+from worker.failures import BACKOFF_CAP, BACKOFF_INITIAL, backoff_delay
 from worker.http_deadline import GuardedAdapter, RequestGuard, guarding
 from worker.model import Page
 
@@ -157,8 +157,8 @@ class SequinClient:
         request_timeout: float = REQUEST_TIMEOUT,
         max_retries: int | None = MAX_RETRIES,
         allow_insecure_http: bool = False,
-        backoff_initial: float = 0.5,
-        backoff_max: float = 30.0,
+        backoff_initial: float = BACKOFF_INITIAL,
+        backoff_max: float = BACKOFF_CAP,
         stop: threading.Event | None = None,
         on_request: Callable[[int | str, float], None] | None = None,
         on_retry: Callable[[str], None] | None = None,

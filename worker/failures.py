@@ -132,7 +132,14 @@ def what_to_fix(sqlstate: str | None) -> str:
     )
 
 
-def backoff_delay(attempt: int, initial: float = 0.5, cap: float = 30.0) -> float:
+# The one backoff's shape: the first wait (before jitter) and its ceiling, in seconds.
+BACKOFF_INITIAL = 0.5
+BACKOFF_CAP = 30.0
+
+
+def backoff_delay(
+    attempt: int, initial: float = BACKOFF_INITIAL, cap: float = BACKOFF_CAP
+) -> float:
     """Wait before retry ``attempt`` (1-based): exponential up to ``cap``, with jitter so that
     several workers do not retry in step. The one backoff: database retries (here) and API
     retries (:mod:`worker.api`) both use it."""
@@ -160,8 +167,8 @@ class RetryBudget:
     """
 
     max_retries: int | None
-    initial: float = 0.5
-    cap: float = 30.0
+    initial: float = BACKOFF_INITIAL
+    cap: float = BACKOFF_CAP
     failures: int = 0
 
     def decide(self, failure_class: FailureClass) -> Decision:
@@ -209,7 +216,7 @@ class FailureHandler:
         state: Health,
         *,
         on_failure: Callable[[FailureClass, float], None] | None = None,
-        backoff: float = 0.5,
+        backoff: float = BACKOFF_INITIAL,
     ) -> None:
         self.budget = RetryBudget(max_retries, initial=backoff)
         self._stop = stop

@@ -47,7 +47,7 @@ import structlog
 
 from worker.config import BATCH_MAX_RECORDS, MAX_RETRIES, POLL_INTERVAL, PREFETCH_PAGES
 from worker.errors import CursorConflict, FailureClass, StoreFailure
-from worker.failures import FailureHandler
+from worker.failures import BACKOFF_INITIAL, FailureHandler
 from worker.model import ApplyResult, Batch, ParsedPage
 from worker.paging import Paginator
 from worker.ports import Sink, Source
@@ -133,7 +133,7 @@ class SyncLoop:
         state: LoopState | None = None,
         totals: Totals | None = None,
         batch_log_level: str = "info",
-        db_backoff: float = 0.5,
+        db_backoff: float = BACKOFF_INITIAL,
     ) -> None:
         self._source_factory = source_factory
         self._sink = sink
