@@ -29,8 +29,10 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from types import FrameType
+from typing import Any
 
 import orjson
 import psycopg
@@ -127,6 +129,37 @@ def _db_password(dsn: str) -> str:
         return ""
 
 
+@contextmanager
+def _translated() -> Iterator[None]:
+    """A psycopg error raised by an adapter call becomes the domain's StoreFailure (exit 6),
+    through the store's one translation. (Until every Postgres adapter translates its own
+    errors; then this is a no-op.)"""
+    from worker.store import store_failure
+
+    try:
+        yield
+    except psycopg.Error as exc:
+        raise store_failure(exc) from None
+
+
+@contextmanager
+def _connected(settings: Settings) -> Iterator[psycopg.Connection[Any]]:
+    """The commands' one way to the database: a bounded autocommit connection from the
+    settings, with psycopg errors translated (:func:`_translated`)."""
+    from worker.store import connect
+
+    assert settings.database_url is not None
+    with (
+        _translated(),
+        connect(
+            settings.database_url.get_secret_value(),
+            autocommit=True,
+            timeouts=DbTimeouts.from_settings(settings),
+        ) as conn,
+    ):
+        yield conn
+
+
 def summary_line(totals: Totals) -> str:
     return (
         f"backfill complete: {totals.received} records in {totals.elapsed:.1f} s "
@@ -218,15 +251,8 @@ def _start_ops(settings: Settings, state: LoopState, metrics: Metrics) -> OpsSer
 
 
 def cmd_migrate(_args: argparse.Namespace) -> int:
-    from worker.store import connect
-
     settings = _settings(("database_url",))
-    assert settings.database_url is not None
-    with connect(
-        settings.database_url.get_secret_value(),
-        autocommit=True,
-        timeouts=DbTimeouts.from_settings(settings),
-    ) as conn:
+    with _connected(settings) as conn:
         applied = migrate(conn, settings.db_schema, DbTimeouts.from_settings(settings))
     print(
         f"schema {settings.db_schema}: applied {applied}"
@@ -247,27 +273,22 @@ def cmd_reset(args: argparse.Namespace) -> int:
             f"this deletes the cursor of consumer {name!r}: its next run starts from the "
             "beginning of the stream. Repeat with --yes to do it.",
         )
-    found = reset_consumer(
-        settings.database_url.get_secret_value(),
-        settings.db_schema,
-        name,
-        DbTimeouts.from_settings(settings),
-    )
+    with _translated():
+        found = reset_consumer(
+            settings.database_url.get_secret_value(),
+            settings.db_schema,
+            name,
+            DbTimeouts.from_settings(settings),
+        )
     print(f"consumer {name!r}: " + ("cursor deleted" if found else "no such consumer"))
     return EXIT_OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     from worker.status import read_status, render_status
-    from worker.store import connect
 
     settings = _settings(("database_url",))
-    assert settings.database_url is not None
-    with connect(
-        settings.database_url.get_secret_value(),
-        autocommit=True,
-        timeouts=DbTimeouts.from_settings(settings),
-    ) as conn:
+    with _connected(settings) as conn:
         status = read_status(conn, settings.db_schema)
     if args.json:
         print(orjson.dumps(status.as_json(), option=orjson.OPT_INDENT_2).decode())
@@ -278,16 +299,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_views(_args: argparse.Namespace) -> int:
     from worker.status import schema_exists
-    from worker.store import connect
     from worker.views import LOCK_TIMEOUT_MS, all_collections, refresh_views
 
     settings = _settings(("database_url",))
-    assert settings.database_url is not None
-    with connect(
-        settings.database_url.get_secret_value(),
-        autocommit=True,
-        timeouts=DbTimeouts.from_settings(settings),
-    ) as conn:
+    with _connected(settings) as conn:
         if not schema_exists(conn, settings.db_schema):
             raise SchemaMissing(
                 f"schema {settings.db_schema!r} has no worker tables: run `sequin-worker migrate`"
