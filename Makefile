@@ -33,6 +33,7 @@ test: lint typecheck pytest
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check worker tests bench
 	$(BIN)/ruff format --check worker tests bench
+	$(BIN)/lint-imports
 	bash deploy/lint.sh $(VENV)
 
 typecheck: $(VENV)/.installed-dev

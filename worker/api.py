@@ -13,14 +13,16 @@
 
 Every request has a total deadline, ``request_timeout`` seconds from its start to its last
 body byte, whatever the server does (trickling a byte at a time, sending headers and then
-nothing): a watchdog shuts the socket down when it passes, and the attempt counts as a
-``timeout`` failure. ``connect_timeout`` and ``read_timeout`` still bound each single wait on
-the socket inside it (a server silent for ``read_timeout`` fails sooner).
+nothing): a watchdog (:mod:`worker.http_deadline`) shuts the socket down when it passes, and
+the attempt counts as a ``timeout`` failure. ``connect_timeout`` and ``read_timeout`` still
+bound each single wait on the socket inside it (a server silent for ``read_timeout`` fails
+sooner).
 
-Transient failures are retried with exponential backoff and full jitter: connection errors,
-timeouts, 429 (waiting at least ``Retry-After``), 500/502/503/504, and bodies whose envelope
-cannot be read as the documented ``{"records": [...], "cursor": "..."}`` (see
-:mod:`worker.codec`: a bad *item* does not make the body bad; it is dead-lettered). Each retry is
+Transient failures are retried with the one backoff (:func:`worker.failures.backoff_delay`,
+exponential with jitter): connection errors, timeouts, 429 (waiting at least
+``Retry-After``), 500/502/503/504, and bodies whose envelope cannot be read as the
+documented ``{"records": [...], "cursor": "..."}`` (see :mod:`worker.codec`: a bad *item*
+does not make the body bad; it is dead-lettered). Each retry is
 logged as ``api_retry`` with its reason.
 
 A retry wait is a deliberate wait: it calls ``on_wait`` about every 0.1 s (the loop's
@@ -33,27 +35,27 @@ are not followed (they could carry the header elsewhere).
 
 from __future__ import annotations
 
-import contextlib
 import json
-import random
-import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import Any
 from urllib.parse import urlsplit
 
 import requests
 import structlog
 import tenacity
-from requests.adapters import HTTPAdapter
-from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from worker.codec import decode_page, raw_texts_once
-from worker.config import is_loopback_host
+from worker.config import (
+    CONNECT_TIMEOUT,
+    MAX_RETRIES,
+    PAGE_SIZE,
+    READ_TIMEOUT,
+    REQUEST_TIMEOUT,
+    Settings,
+    is_loopback_host,
+)
 from worker.errors import (
     ApiUnavailable,
     InvalidRequest,
@@ -61,6 +63,9 @@ from worker.errors import (
     Stopped,
     TokenRejected,
 )
+from worker.failures import BACKOFF_CAP, BACKOFF_INITIAL, backoff_delay
+from worker.http_deadline import GuardedAdapter, RequestGuard, guarding
+from worker.model import Page
 
 log = structlog.get_logger("worker.api")
 
@@ -90,145 +95,6 @@ _HINTS = {
     "MissingSchema": "check SEQUIN_BASE_URL",
     "InvalidSchema": "check SEQUIN_BASE_URL",
 }
-
-
-class _RequestGuard:
-    """Ends the request in flight when its deadline passes, or when :meth:`abort` is called
-    from another thread.
-
-    Blocking socket calls cannot be interrupted from Python, so the guard keeps the sockets
-    the current request uses (see :class:`_GuardedConnection`) and shuts them down: the
-    blocked read then fails at once. It keeps the sockets, not the connections: a response
-    with ``Connection: close`` takes the socket away from its connection. The watchdog is a
-    timer thread per request, cancelled and joined when the request ends, so none outlives
-    it.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._socks: list[socket.socket] = []
-        self._fired: str | None = None  # "deadline" or "aborted", for the current request
-        self._timer: threading.Timer | None = None
-        self.aborted = threading.Event()
-
-    def start(self, seconds: float) -> None:
-        with self._lock:
-            self._socks = []
-            self._fired = "aborted" if self.aborted.is_set() else None
-        timer = threading.Timer(seconds, self._fire, args=("deadline",))
-        timer.name = "sequin-request-deadline"
-        timer.daemon = True
-        self._timer = timer
-        timer.start()
-
-    def finish(self) -> str | None:
-        """End the current request's watch; returns why it fired, if it did."""
-        timer, self._timer = self._timer, None
-        if timer is not None:
-            timer.cancel()
-            timer.join()
-        with self._lock:
-            self._socks = []
-            return self._fired
-
-    def attach(self, conn: HTTPConnection) -> None:
-        sock = getattr(conn, "sock", None)  # None until connected
-        if sock is None:
-            return
-        with self._lock:
-            if sock not in self._socks:
-                self._socks.append(sock)
-            if self._fired is not None:
-                _shutdown(sock)
-
-    def abort(self) -> None:
-        self.aborted.set()
-        self._fire("aborted")
-
-    def _fire(self, reason: str) -> None:
-        with self._lock:
-            if self._fired is None:
-                self._fired = reason
-            for sock in self._socks:
-                _shutdown(sock)
-
-
-def _shutdown(sock: socket.socket) -> None:
-    # socket.socket's own shutdown, also for a TLS socket: it wakes a blocked read (a
-    # close would not), even after the connection let go of the socket.
-    with contextlib.suppress(OSError):
-        socket.socket.shutdown(sock, socket.SHUT_RDWR)
-
-
-# The guard of the request the current thread is making (a client is used by one thread at
-# a time, and urllib3 gives a connection no other way to find it).
-_current = threading.local()
-
-
-def _attach_current(conn: HTTPConnection) -> None:
-    guard: _RequestGuard | None = getattr(_current, "guard", None)
-    if guard is not None:
-        guard.attach(conn)
-
-
-class _GuardedConnection(HTTPConnection):
-    """Registers itself with the current request's guard when it connects or sends."""
-
-    def connect(self) -> None:
-        _attach_current(self)
-        super().connect()
-        _attach_current(self)  # a deadline passed while connecting ends the request here
-
-    def request(self, *args: Any, **kwargs: Any) -> None:
-        _attach_current(self)
-        super().request(*args, **kwargs)
-
-
-class _GuardedHTTPSConnection(HTTPSConnection):
-    def connect(self) -> None:
-        _attach_current(self)
-        super().connect()
-        _attach_current(self)
-
-    def request(self, *args: Any, **kwargs: Any) -> None:
-        _attach_current(self)
-        super().request(*args, **kwargs)
-
-
-class _GuardedPool(HTTPConnectionPool):
-    ConnectionCls = _GuardedConnection
-
-
-class _GuardedHTTPSPool(HTTPSConnectionPool):
-    ConnectionCls = _GuardedHTTPSConnection
-
-
-class _GuardedAdapter(HTTPAdapter):
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = {"http": _GuardedPool, "https": _GuardedHTTPSPool}
-
-
-@dataclass(slots=True)
-class Page:
-    """One decoded response: the raw records (stream order) and the next cursor."""
-
-    after_cursor: str | None
-    records: list[Any]
-    cursor: str
-    limit: int
-    body: bytes | None = None
-
-    @property
-    def is_full(self) -> bool:
-        """Whether the page holds ``limit`` records. Informative only: the API document says
-        only an empty page means "no more records", so the loop goes on after any other."""
-        return len(self.records) >= self.limit
-
-    def raw_texts(self) -> Callable[[], list[str] | None] | None:
-        """A function giving the text of each record as received (for dead letters); see
-        :func:`worker.codec.raw_texts_once`."""
-        return None if self.body is None else raw_texts_once(self.body)
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -285,14 +151,14 @@ class SequinClient:
         token: str,
         *,
         filters: dict[str, str | None] | None = None,
-        page_size: int = 500,
-        connect_timeout: float = 10.0,
-        read_timeout: float = 60.0,
-        request_timeout: float = 60.0,
-        max_retries: int | None = 20,
+        page_size: int = PAGE_SIZE,
+        connect_timeout: float = CONNECT_TIMEOUT,
+        read_timeout: float = READ_TIMEOUT,
+        request_timeout: float = REQUEST_TIMEOUT,
+        max_retries: int | None = MAX_RETRIES,
         allow_insecure_http: bool = False,
-        backoff_initial: float = 0.5,
-        backoff_max: float = 30.0,
+        backoff_initial: float = BACKOFF_INITIAL,
+        backoff_max: float = BACKOFF_CAP,
         stop: threading.Event | None = None,
         on_request: Callable[[int | str, float], None] | None = None,
         on_retry: Callable[[str], None] | None = None,
@@ -311,7 +177,7 @@ class SequinClient:
         self.page_size = page_size
         self._timeout = (connect_timeout, min(read_timeout, request_timeout))
         self._request_timeout = request_timeout
-        self._guard = _RequestGuard()
+        self._guard = RequestGuard()
         self._on_wait = on_wait
         self._max_retries = max_retries
         self._backoff = (backoff_initial, backoff_max)
@@ -320,7 +186,7 @@ class SequinClient:
         self._on_retry = on_retry
         self._session = requests.Session()
         for prefix in ("http://", "https://"):
-            self._session.mount(prefix, _GuardedAdapter())
+            self._session.mount(prefix, GuardedAdapter())
         self._session.headers.update(
             {
                 "Authorization": f"Bearer {token}",
@@ -370,16 +236,15 @@ class SequinClient:
         started = time.perf_counter()
         failure: BaseException | None = None
         self._guard.start(self._request_timeout)
-        _current.guard = self._guard
         try:
-            resp = self._session.get(
-                self.url, params=params, timeout=self._timeout, allow_redirects=False
-            )
-            body = resp.content  # read inside the try: a truncated body raises here
+            with guarding(self._guard):
+                resp = self._session.get(
+                    self.url, params=params, timeout=self._timeout, allow_redirects=False
+                )
+                body = resp.content  # read inside the try: a truncated body raises here
         except (requests.RequestException, ValueError) as exc:
             failure = exc
         finally:
-            _current.guard = None
             fired = self._guard.finish()
         # Whatever the read returned once the watchdog fired (an error, or a body cut short
         # at a close), it is not a whole response.
@@ -423,7 +288,7 @@ class SequinClient:
                 records=records,
                 cursor=cursor,
                 limit=self.page_size,
-                body=body,
+                raw_texts=raw_texts_once(body),
             )
         if status in (401, 403):
             raise TokenRejected(status, server_message(resp))
@@ -443,11 +308,10 @@ class SequinClient:
             self._on_request(status, time.perf_counter() - started)
 
     def _wait(self, state: tenacity.RetryCallState) -> float:
-        # Jitter on an exponential ceiling (0.5 s doubling to 30 s by default), but never less
+        # The one backoff (0.5 s doubling to 30 s by default, with jitter), but never less
         # than what the server asked for with Retry-After.
         initial, cap = self._backoff
-        ceiling = min(cap, initial * 2 ** (state.attempt_number - 1))
-        delay = random.uniform(ceiling / 2, ceiling)
+        delay = backoff_delay(state.attempt_number, initial, cap)
         exc = state.outcome.exception() if state.outcome else None
         if isinstance(exc, _Retryable) and exc.retry_after is not None:
             asked = exc.retry_after
@@ -505,3 +369,39 @@ def _connection_reason(exc: requests.ConnectionError) -> str:
         if marker in text:
             return marker
     return _short(type(exc).__name__)
+
+
+def client_from_settings(
+    settings: Settings,
+    *,
+    max_retries: int | None,
+    page_size: int | None = None,
+    request_timeout: float | None = None,
+    stop: threading.Event | None = None,
+    on_request: Callable[[int | str, float], None] | None = None,
+    on_retry: Callable[[str], None] | None = None,
+    on_wait: Callable[[], object] | None = None,
+) -> SequinClient:
+    """The one construction of a client from the settings (the sync service and ``check``).
+    ``request_timeout`` caps the settings' (``check`` answers within 30 s); the read timeout
+    is capped with it."""
+    assert settings.api_token is not None  # load_settings(require=("api_token", ...))
+    timeout = settings.request_timeout
+    read = settings.read_timeout
+    if request_timeout is not None:
+        timeout, read = min(timeout, request_timeout), min(read, request_timeout)
+    return SequinClient(
+        settings.base_url,
+        settings.api_token.get_secret_value(),
+        filters=settings.filters,
+        page_size=settings.page_size if page_size is None else page_size,
+        connect_timeout=settings.connect_timeout,
+        read_timeout=read,
+        request_timeout=timeout,
+        max_retries=max_retries,
+        allow_insecure_http=settings.allow_insecure_http,
+        stop=stop,
+        on_request=on_request,
+        on_retry=on_retry,
+        on_wait=on_wait,
+    )

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
-from worker.api import SequinClient
+from worker.api import client_from_settings
 from worker.config import Settings, load_settings
 from worker.errors import (
     ApiError,
@@ -71,18 +71,7 @@ def _load() -> Settings:
 
 
 def _check_api(c: Checks, settings: Settings) -> None:
-    assert settings.api_token is not None
-    client = SequinClient(
-        settings.base_url,
-        settings.api_token.get_secret_value(),
-        filters=settings.filters,
-        page_size=1,
-        connect_timeout=settings.connect_timeout,
-        read_timeout=min(settings.read_timeout, 30),
-        request_timeout=min(settings.request_timeout, 30),
-        max_retries=0,
-        allow_insecure_http=settings.allow_insecure_http,
-    )
+    client = client_from_settings(settings, max_retries=0, page_size=1, request_timeout=30)
     started = time.perf_counter()
     try:
         page = client.fetch_page(None)

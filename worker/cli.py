@@ -1,13 +1,14 @@
 """The ``sequin-worker`` command line.
 
-Exit codes (also in the README):
+Exit codes (also in the README; each carried by its error, see :mod:`worker.errors`):
 
 ==  ===========================================================================
 0   success; or stopped by SIGTERM/SIGINT (within 10 s: the batch in flight is given
     a second to finish, then cancelled and rolled back)
 1   unexpected internal error (a bug: the traceback is logged)
 2   configuration error: a bad or missing setting, or a consumer whose stored filters
-    differ from the configured ones
+    differ from the configured ones; ``reset`` without ``--yes``; the ops port taken;
+    ``demo`` with neither DATABASE_URL nor the ``embedded`` extra
 3   the API rejected the token (401/403)
 4   the API rejected a request (another 4xx, e.g. an invalid cursor), or answered in a
     way that breaks the pagination contract (a cursor that does not advance, cycles or
@@ -31,7 +32,6 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from types import FrameType
-from typing import NoReturn
 
 import orjson
 import psycopg
@@ -39,20 +39,7 @@ import structlog
 
 from worker import __version__, logs
 from worker.config import Settings, load_settings
-from worker.errors import (
-    ApiUnavailable,
-    ConfigError,
-    ConsumerMismatch,
-    DatabaseRefused,
-    DatabaseUnavailable,
-    InvalidRequest,
-    ProtocolViolation,
-    RequestRejected,
-    SchemaMissing,
-    Stopped,
-    StoreFailure,
-    TokenRejected,
-)
+from worker.errors import CheckFailed, CommandRefused, SchemaMissing, WorkerError
 from worker.metrics import Metrics
 from worker.ops import OpsServer
 from worker.pg.connection import Conn, DbTimeouts
@@ -65,22 +52,7 @@ log = structlog.get_logger("worker.cli")
 
 EXIT_OK = 0
 EXIT_BUG = 1
-EXIT_CONFIG = 2
-EXIT_TOKEN = 3
-EXIT_REJECTED = 4
-EXIT_API_DOWN = 5
-EXIT_DB = 6
-EXIT_BUSY = 7
-EXIT_CHECK = 8
-
-
-class Exit(Exception):
-    """Leave with ``code`` after printing ``message`` on stderr (no traceback)."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+# Every other exit code is carried by its error (worker.errors: WorkerError.exit_code).
 
 
 # A stop that has not ended the process by then ends it (exit 0: every write is transactional,
@@ -159,14 +131,14 @@ def _db_password(dsn: str) -> str:
 
 def summary_line(totals: Totals) -> str:
     return (
-        f"backfill complete: {totals.received} records in {totals.seconds:.1f} s "
+        f"backfill complete: {totals.received} records in {totals.elapsed:.1f} s "
         f"({totals.rate():.0f} records/s): {totals.upserted} upserted, {totals.deleted} deleted, "
         f"{totals.skipped} unchanged, {totals.dead_lettered} dead-lettered"
     )
 
 
 def cmd_sync(args: argparse.Namespace, mode: str) -> int:
-    from worker.errors import ConsumerBusy
+    from worker.errors import Stopped
     from worker.service import run_consumer
 
     settings = _settings(("api_token", "database_url"))
@@ -209,9 +181,6 @@ def cmd_sync(args: argparse.Namespace, mode: str) -> int:
         caught_up = outcome.caught_up
     except Stopped:
         pass  # stopped during an API retry wait: an ordinary stop
-    except ConsumerBusy as exc:
-        failed = type(exc).__name__
-        raise Exit(EXIT_BUSY, str(exc)) from None
     except BaseException as exc:
         failed = type(exc).__name__
         raise
@@ -242,8 +211,7 @@ def _start_ops(settings: Settings, state: LoopState, metrics: Metrics) -> OpsSer
             heartbeat_timeout=settings.heartbeat_timeout,
         ).start()
     except OSError as exc:
-        raise Exit(
-            EXIT_CONFIG,
+        raise CommandRefused(
             f"SEQUIN_HTTP_PORT: cannot listen on {settings.http_host}:{settings.http_port} "
             f"({exc.strerror})",
         ) from None
@@ -288,8 +256,7 @@ def cmd_reset(args: argparse.Namespace) -> int:
     settings = _settings(("database_url",))
     name = args.consumer or settings.consumer
     if not args.yes:
-        raise Exit(
-            EXIT_CONFIG,
+        raise CommandRefused(
             f"this deletes the cursor of consumer {name!r}: its next run starts from the "
             "beginning of the stream. Repeat with --yes to do it.",
         )
@@ -344,7 +311,7 @@ def cmd_views(_args: argparse.Namespace) -> int:
 def cmd_check(_args: argparse.Namespace) -> int:
     from worker.check import run_checks
 
-    return EXIT_OK if run_checks() else EXIT_CHECK
+    return EXIT_OK if run_checks() else CheckFailed.exit_code  # each problem already printed
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -398,9 +365,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
-def _fail(code: int, message: str) -> NoReturn:
-    print(f"sequin-worker: {logs.redact(message)}", file=sys.stderr, flush=True)
-    sys.exit(code)
+def _say(line: str) -> None:
+    print(f"sequin-worker: {logs.redact(line)}", file=sys.stderr, flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -413,33 +379,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except Exit as exc:
-        _fail(exc.code, exc.message)
-    except ConfigError as exc:
-        for line in exc.problems:
-            print(f"sequin-worker: config: {line}", file=sys.stderr)
-        sys.exit(EXIT_CONFIG)
-    except ConsumerMismatch as exc:
-        _fail(EXIT_CONFIG, str(exc))
-    except TokenRejected as exc:
-        _fail(EXIT_TOKEN, str(exc))
-    except (RequestRejected, InvalidRequest, ProtocolViolation) as exc:
-        _fail(EXIT_REJECTED, str(exc))
-    except ApiUnavailable as exc:
-        _fail(EXIT_API_DOWN, str(exc))
-    except (DatabaseRefused, DatabaseUnavailable, StoreFailure) as exc:
-        _fail(EXIT_DB, f"database: {exc}")
-    except SchemaMissing as exc:
-        _fail(EXIT_DB, str(exc))
-    except psycopg.Error as exc:
-        _fail(EXIT_DB, f"database error: {str(exc).strip().splitlines()[0]}")
-    except Stopped:
-        return EXIT_OK
+    except WorkerError as exc:
+        # Every expected failure: its lines, and the exit code it carries (Stopped: 0, an
+        # ordinary stop, said nothing).
+        if exc.exit_code != EXIT_OK:
+            for line in exc.lines():
+                _say(line)
+        return exc.exit_code
     except KeyboardInterrupt:
         return EXIT_OK
     except Exception:
         log.exception("internal_error")
-        _fail(EXIT_BUG, "internal error (a bug; the log above has the traceback)")
+        _say("internal error (a bug; the log above has the traceback)")
+        return EXIT_BUG
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -27,8 +27,20 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker.errors import ConfigError
+from worker.model import api_filters
 
 NOTIFY_CHANNEL = "sequin_worker"
+
+# Defaults of the knobs that objects built outside Settings (tests, the demo, bench) also
+# take: named once here, used by Settings and as those constructors' defaults.
+PAGE_SIZE = 500
+POLL_INTERVAL = 1.0
+CONNECT_TIMEOUT = 10.0
+READ_TIMEOUT = 60.0
+REQUEST_TIMEOUT = 60.0
+MAX_RETRIES = 20
+BATCH_MAX_RECORDS = 5000
+PREFETCH_PAGES = 8
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 
@@ -67,8 +79,10 @@ class Settings(BaseSettings):
     sync_id: str | None = Field(None, validation_alias=_env("SEQUIN_SYNC_ID"))
     provider: str | None = Field(None, validation_alias=_env("SEQUIN_PROVIDER"))
     collection: str | None = Field(None, validation_alias=_env("SEQUIN_COLLECTION"))
-    page_size: int = Field(500, ge=1, le=500, validation_alias=_env("SEQUIN_PAGE_SIZE"))
-    poll_interval: float = Field(1.0, gt=0, le=3600, validation_alias=_env("SEQUIN_POLL_INTERVAL"))
+    page_size: int = Field(PAGE_SIZE, ge=1, le=500, validation_alias=_env("SEQUIN_PAGE_SIZE"))
+    poll_interval: float = Field(
+        POLL_INTERVAL, gt=0, le=3600, validation_alias=_env("SEQUIN_POLL_INTERVAL")
+    )
     delete_mode: Literal["soft", "hard"] = Field(
         "soft", validation_alias=_env("SEQUIN_DELETE_MODE")
     )
@@ -79,16 +93,20 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", validation_alias=_env("SEQUIN_LOG_LEVEL")
     )
-    connect_timeout: float = Field(10.0, gt=0, validation_alias=_env("SEQUIN_CONNECT_TIMEOUT"))
-    read_timeout: float = Field(60.0, gt=0, validation_alias=_env("SEQUIN_READ_TIMEOUT"))
+    connect_timeout: float = Field(
+        CONNECT_TIMEOUT, gt=0, validation_alias=_env("SEQUIN_CONNECT_TIMEOUT")
+    )
+    read_timeout: float = Field(READ_TIMEOUT, gt=0, validation_alias=_env("SEQUIN_READ_TIMEOUT"))
     request_timeout: float = Field(
-        60.0, gt=0, le=3600, validation_alias=_env("SEQUIN_REQUEST_TIMEOUT")
+        REQUEST_TIMEOUT, gt=0, le=3600, validation_alias=_env("SEQUIN_REQUEST_TIMEOUT")
     )
-    max_retries: int = Field(20, ge=0, validation_alias=_env("SEQUIN_MAX_RETRIES"))
+    max_retries: int = Field(MAX_RETRIES, ge=0, validation_alias=_env("SEQUIN_MAX_RETRIES"))
     batch_max_records: int = Field(
-        5000, ge=1, le=1_000_000, validation_alias=_env("SEQUIN_BATCH_MAX_RECORDS")
+        BATCH_MAX_RECORDS, ge=1, le=1_000_000, validation_alias=_env("SEQUIN_BATCH_MAX_RECORDS")
     )
-    prefetch_pages: int = Field(8, ge=1, le=64, validation_alias=_env("SEQUIN_PREFETCH_PAGES"))
+    prefetch_pages: int = Field(
+        PREFETCH_PAGES, ge=1, le=64, validation_alias=_env("SEQUIN_PREFETCH_PAGES")
+    )
     # Bounds every wait on Postgres that should be short; see worker.pg.connection.DbTimeouts for
     # what is derived from it (lock_timeout, keepalives, lease ping, shutdown steps).
     db_timeout: float = Field(10.0, ge=2, le=600, validation_alias=_env("SEQUIN_DB_TIMEOUT"))
@@ -193,7 +211,7 @@ class Settings(BaseSettings):
     @property
     def filters(self) -> dict[str, str | None]:
         """The API filters this consumer streams with (part of the consumer's identity)."""
-        return {"sync_id": self.sync_id, "provider": self.provider, "collection": self.collection}
+        return api_filters(self.sync_id, self.provider, self.collection)
 
 
 _FIELD_ENV = {

@@ -12,15 +12,18 @@ import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
-import psycopg
+from psycopg.sql import Composed
 
 from worker import logs
 from worker.config import Settings
 from worker.embedded import throwaway_postgres
 from worker.pg import sqlfiles
+from worker.pg.connection import connect, translated
 from worker.service import run_consumer
 from worker.simulator import Simulator
+from worker.status import table
 
 DEMO_SCHEMA = "sequin_demo"
 DEMO_TOKEN = "demo-token"  # noqa: S105 - the simulator's, not a secret
@@ -53,8 +56,7 @@ def main(records: int = 20000) -> int:
             sim.append_raw(fragment)
         print(f"simulator: {sim.base_url}/v1/records ({records} records + {len(_MALFORMED)} bad)")
         print(f"database:  {where}, schema {DEMO_SCHEMA}")
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(sqlfiles.query("drop_schema", DEMO_SCHEMA))
+        _execute(dsn, sqlfiles.query("drop_schema", DEMO_SCHEMA))
         settings = Settings(
             SEQUIN_API_TOKEN=DEMO_TOKEN,
             SEQUIN_BASE_URL=sim.base_url,
@@ -68,7 +70,7 @@ def main(records: int = 20000) -> int:
         print(_table(dsn))
         print()
         print(
-            f"backfilled {t.received} records in {t.seconds:.1f} s "
+            f"backfilled {t.received} records in {t.elapsed:.1f} s "
             f"({t.rate():.0f} records/s); a second run would change nothing."
         )
         if where == "DATABASE_URL":
@@ -79,19 +81,16 @@ def main(records: int = 20000) -> int:
 
 
 def _table(dsn: str) -> str:
-    query = sqlfiles.query("demo_summary", DEMO_SCHEMA)
-    with psycopg.connect(dsn) as conn:
-        rows = conn.execute(query).fetchall()
+    rows = _execute(dsn, sqlfiles.query("demo_summary", DEMO_SCHEMA))
     header = ("collection", "live", "deleted", "dead letters")
     body = [(str(r[0]), str(r[1]), str(r[2]), str(r[3])) for r in rows]
     totals = ("total", *(str(sum(int(r[i]) for r in body)) for i in (1, 2, 3)))
-    widths = [max(len(x[i]) for x in [header, *body, totals]) for i in range(4)]
+    return table(header, body, right={1, 2, 3}, footer=totals)
 
-    def fmt(row: tuple[str, ...]) -> str:
-        return "  ".join(
-            v.ljust(w) if i == 0 else v.rjust(w)
-            for i, (v, w) in enumerate(zip(row, widths, strict=True))
-        )
 
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([fmt(header), rule, *map(fmt, body), rule, fmt(totals)])
+def _execute(dsn: str, query: Composed) -> list[tuple[Any, ...]]:
+    """Run one statement on a bounded connection; a psycopg error becomes the domain's
+    :class:`~worker.errors.StoreFailure` (exit 6), through the store's one translation."""
+    with translated(), connect(dsn, autocommit=True) as conn:
+        cur = conn.execute(query)
+        return cur.fetchall() if cur.description else []

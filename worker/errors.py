@@ -1,13 +1,15 @@
 """The worker's errors: one base class, each error carrying the exit code the CLI ends with.
 
-The CLI has a single ``except WorkerError``: it prints ``prefix + str(error)`` (one line per
-problem for :class:`ConfigError`) and exits with ``error.exit_code``. Anything else that
+The CLI has a single ``except WorkerError``: it prints each of :meth:`WorkerError.lines`
+(``prefix + str(error)``; one line per problem for :class:`ConfigError`; nothing for
+:class:`Stopped`, an ordinary stop) and exits with ``error.exit_code``. Anything else that
 reaches it is a bug (exit 1, with a traceback in the log). Messages never hold a secret (the
 API token, a database password): they are shown to the operator as they are.
 
 Exit codes: 0 done (or stopped), 1 a bug, 2 configuration, 3 token rejected, 4 request
 rejected or the API broke its contract, 5 the API stayed unavailable, 6 the database failed
-or refused, 7 the consumer is busy, 8 ``check`` found a problem.
+or refused, 7 the consumer is busy, 8 ``check`` found a problem. A psycopg error never
+reaches the CLI: the Postgres adapters translate it into :class:`StoreFailure`.
 """
 
 from __future__ import annotations
@@ -51,6 +53,12 @@ class ConsumerBusy(WorkerError):
     """Another process leads this consumer and the caller asked not to wait."""
 
     exit_code = 7
+
+
+class CommandRefused(WorkerError):
+    """The command cannot run as asked (a confirmation missing, the ops port taken)."""
+
+    exit_code = 2
 
 
 class CheckFailed(WorkerError):

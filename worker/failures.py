@@ -19,6 +19,9 @@ permanent        stop at once: exit 6 with what to fix        42xxx (privilege, 
                                                               22xxx, 23xxx, 0Axxx, XX001
 ===============  ===========================================  ========================
 
+:class:`FailureHandler` applies the policy for the loop and the migration step alike (log,
+report, wait).
+
 Budget: consecutive failures while the same batch is pending, counted across reconnects and
 reset only by a commit. The wait before each retry grows with that count (exponential with
 jitter, capped). ``backfill`` stops after ``SEQUIN_MAX_RETRIES`` of them (exit 6); ``run``
@@ -28,9 +31,18 @@ retries for ever, but reports how long the batch has been failing (metric and /h
 from __future__ import annotations
 
 import random
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
+import structlog
+
+from worker.errors import DatabaseRefused, DatabaseUnavailable, StoreFailure
 from worker.errors import FailureClass as FailureClass
+
+log = structlog.get_logger("worker.failures")
 
 FAILURE_CLASSES: tuple[FailureClass, ...] = (
     "connection_lost",
@@ -120,9 +132,17 @@ def what_to_fix(sqlstate: str | None) -> str:
     )
 
 
-def backoff_delay(attempt: int, initial: float = 0.5, cap: float = 30.0) -> float:
+# The one backoff's shape: the first wait (before jitter) and its ceiling, in seconds.
+BACKOFF_INITIAL = 0.5
+BACKOFF_CAP = 30.0
+
+
+def backoff_delay(
+    attempt: int, initial: float = BACKOFF_INITIAL, cap: float = BACKOFF_CAP
+) -> float:
     """Wait before retry ``attempt`` (1-based): exponential up to ``cap``, with jitter so that
-    several workers do not retry in step."""
+    several workers do not retry in step. The one backoff: database retries (here) and API
+    retries (:mod:`worker.api`) both use it."""
     return min(cap, initial * 2.0 ** (attempt - 1)) * random.uniform(0.5, 1.0)
 
 
@@ -147,8 +167,8 @@ class RetryBudget:
     """
 
     max_retries: int | None
-    initial: float = 0.5
-    cap: float = 30.0
+    initial: float = BACKOFF_INITIAL
+    cap: float = BACKOFF_CAP
     failures: int = 0
 
     def decide(self, failure_class: FailureClass) -> Decision:
@@ -167,3 +187,82 @@ class RetryBudget:
 
     def succeeded(self) -> None:
         self.failures = 0
+
+
+class Health(Protocol):
+    """What :class:`FailureHandler` writes for health checks (``worker.sync.LoopState``)."""
+
+    failing_since: float | None
+    failure_class: str | None
+
+    def beat(self, status: str | None = None) -> None: ...
+
+
+class FailureHandler:
+    """What happens after a database failure, for the loop and the migration step alike.
+
+    :meth:`failed` classifies (the class comes with the :class:`StoreFailure`), spends the
+    budget (:class:`RetryBudget`), logs ``db_retry``, reports the failure through
+    ``on_failure(class, seconds_failing)``, then waits the backoff (cut short by ``stop``).
+    It raises :class:`DatabaseRefused` for a permanent failure and
+    :class:`DatabaseUnavailable` when the budget is spent. :meth:`recovered` ends the run of
+    failures (after a commit, or when nothing is pending any more).
+    """
+
+    def __init__(
+        self,
+        max_retries: int | None,
+        stop: threading.Event,
+        state: Health,
+        *,
+        on_failure: Callable[[FailureClass, float], None] | None = None,
+        backoff: float = BACKOFF_INITIAL,
+    ) -> None:
+        self.budget = RetryBudget(max_retries, initial=backoff)
+        self._stop = stop
+        self._state = state
+        self._on_failure = on_failure
+
+    def failed(self, exc: StoreFailure, *, pages: int = 0) -> Decision:
+        cls = exc.failure_class
+        decision = self.budget.decide(cls)
+        now = time.monotonic()
+        if self._state.failing_since is None:
+            self._state.failing_since = now
+        self._state.failure_class = cls
+        failing = now - self._state.failing_since
+        if self._on_failure is not None:
+            self._on_failure(cls, failing)
+        if decision.give_up:
+            log.error(
+                "db_gave_up",
+                **{"class": cls},
+                reason=str(exc),
+                sqlstate=exc.sqlstate,
+                attempt=decision.attempt,
+                failing_s=round(failing, 3),
+            )
+            if decision.reason == "permanent":
+                raise DatabaseRefused(f"{exc}; {what_to_fix(exc.sqlstate)}") from None
+            raise DatabaseUnavailable(
+                f"the database kept failing ({decision.attempt} attempts over "
+                f"{failing:.0f} s, last: {cls}): {exc}"
+            ) from None
+        log.warning(
+            "db_retry",
+            **{"class": cls},
+            reason=str(exc),
+            sqlstate=exc.sqlstate,
+            attempt=decision.attempt,
+            wait_s=round(decision.wait, 3),
+            failing_s=round(failing, 3),
+            pages=pages,
+        )
+        self._state.beat("db_retry")
+        self._stop.wait(decision.wait)
+        return decision
+
+    def recovered(self) -> None:
+        self.budget.succeeded()
+        self._state.failing_since = None
+        self._state.failure_class = None

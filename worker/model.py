@@ -1,16 +1,19 @@
 """The record model: what one record, page and batch are, and what applying a batch did.
 
-Plain data with no I/O: the codec and the rules build these, the loop moves them, the
-store writes them. See :mod:`worker.records` for the rules (validation, dedup).
+Plain data with no I/O and no imports of ours: the API client builds :class:`Page`, the
+rules (:mod:`worker.records`) turn it into a :class:`ParsedPage`, the loop groups those into a
+:class:`Batch`, the store writes it and answers with an :class:`ApplyResult`. The one rule that
+lives here is which version of a key wins (:func:`dedup`, :func:`versions_by_key`): it is what
+a :class:`Batch` means, and both the store and the in-memory sink apply it.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 
 @dataclass(slots=True)
@@ -29,6 +32,29 @@ class Record:
     @property
     def key(self) -> tuple[str, str]:
         return (self.collection_id, self.upstream_id)
+
+
+@dataclass(slots=True)
+class Page:
+    """One decoded response: the raw records (stream order) and the next cursor.
+
+    ``raw_texts`` gives the text of each record as received (for dead letters), scanned from
+    the body at most once (see :func:`worker.codec.raw_texts_once`); ``None`` when the page
+    did not come from bytes (a fake). Whether the stream goes on after this page is the
+    paginator's rule (:mod:`worker.paging`), not the page's.
+    """
+
+    after_cursor: str | None
+    records: list[Any]
+    cursor: str
+    limit: int
+    raw_texts: Callable[[], Sequence[str] | None] | None = None
+
+    @property
+    def is_full(self) -> bool:
+        """Whether the page holds ``limit`` records. Informative only: the API document says
+        only an empty page means "no more records", so the loop goes on after any other."""
+        return len(self.records) >= self.limit
 
 
 @dataclass(slots=True)
@@ -89,16 +115,17 @@ class Batch:
         return sum(p.received for p in self.pages)
 
     def rows(self) -> list[Record]:
-        """One version per key across all pages (see :func:`worker.records.dedup`)."""
-        from worker.records import dedup
-
+        """One version per key across all pages (see :func:`dedup`)."""
         return dedup(r for p in self.pages for r in p.records)
 
     def versions(self) -> list[list[Record]]:
-        """Every version of each key, best first (see :func:`worker.records.versions_by_key`)."""
-        from worker.records import versions_by_key
-
+        """Every version of each key, best first (see :func:`versions_by_key`)."""
         return versions_by_key(r for p in self.pages for r in p.records)
+
+    @property
+    def moves_nothing(self) -> bool:
+        """An empty page handing back the cursor it was asked with: nothing to commit."""
+        return self.received == 0 and self.cursor == self.after_cursor
 
     def dead_letters(self) -> list[DeadLetter]:
         return [d for p in self.pages for d in p.dead_letters]
@@ -115,7 +142,8 @@ class Batch:
 
 @dataclass(slots=True)
 class ApplyResult:
-    """What one committed batch did to the table."""
+    """What applying batches did to the table: one committed batch (as the store returns
+    it), or the running sum of many (:meth:`add`; the loop's totals, with ``started``)."""
 
     received: int = 0
     upserted: int = 0
@@ -137,6 +165,17 @@ class ApplyResult:
             out[collection] = out.get(collection, 0) + n
         return out
 
+    def add(self, r: ApplyResult) -> None:
+        """Add ``r``'s counts and time spent applying (not its cursor, newest stamp or
+        per-collection maps)."""
+        self.received += r.received
+        self.upserted += r.upserted
+        self.deleted += r.deleted
+        self.skipped += r.skipped
+        self.dead_lettered += r.dead_lettered
+        self.pages += r.pages
+        self.seconds += r.seconds
+
 
 @dataclass(frozen=True, slots=True)
 class ConsumerConfig:
@@ -149,4 +188,46 @@ class ConsumerConfig:
     delete_mode: Literal["soft", "hard"]
 
     def filters(self) -> dict[str, str | None]:
-        return {"sync_id": self.sync_id, "provider": self.provider, "collection": self.collection}
+        return api_filters(self.sync_id, self.provider, self.collection)
+
+
+def api_filters(
+    sync_id: str | None, provider: str | None, collection: str | None
+) -> dict[str, str | None]:
+    """The API's filter parameters, by name (``None``: not filtered on). The one spelling of
+    them: the settings, the stored consumer and the client's query all come from here."""
+    return {"sync_id": sync_id, "provider": provider, "collection": collection}
+
+
+def dedup(records: Iterable[Record]) -> list[Record]:
+    """Keep one version per key: the greatest by (upstream_updated_at, stream position).
+
+    ``records`` must be in stream order. The result keeps the first-seen order of keys, which
+    is irrelevant to correctness but makes writes deterministic.
+    """
+    latest: dict[tuple[str, str], Record] = {}
+    for record in records:
+        key = (record.collection_id, record.upstream_id)
+        current = latest.get(key)
+        if current is None or record.upstream_updated_at >= current.upstream_updated_at:
+            latest[key] = record
+    return list(latest.values())
+
+
+def versions_by_key(records: Iterable[Record]) -> list[list[Record]]:
+    """Every version of each key, ordered by :func:`dedup`'s rule: the first of each list is
+    the version ``dedup`` keeps, then the next best, and so on.
+
+    ``records`` must be in stream order. Keys come in first-seen order. Used when Postgres
+    refuses a version: the next one is tried, so the key gets the newest version Postgres
+    accepts however the pages were grouped.
+    """
+    by_key: dict[tuple[str, str], list[Record]] = {}
+    for record in records:
+        by_key.setdefault((record.collection_id, record.upstream_id), []).append(record)
+    # Later in the stream first, then a stable sort by timestamp: on equal timestamps the
+    # later version stays ahead, as in dedup.
+    return [
+        sorted(reversed(versions), key=lambda r: r.upstream_updated_at, reverse=True)
+        for versions in by_key.values()
+    ]

@@ -1,8 +1,8 @@
-"""The record model and the pure rules applied to it: validation, sanitising, dedup.
+"""The pure rules applied to records: validation, sanitising, parsing a page.
 
-No I/O here. Everything the sync loop decides about a record ("row or dead letter", "which
-version of a key wins") is a function of this module, so it is tested without sockets or a
-database.
+No I/O here. Everything the sync loop decides about a record ("row or dead letter") is a
+function of this module, so it is tested without sockets or a database. Which version of a
+key wins is :func:`worker.model.dedup` (re-exported here): it defines what a batch means.
 
 Rules:
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -35,6 +35,8 @@ import msgspec
 import orjson
 
 from worker.model import DeadLetter, ParsedPage, Record
+from worker.model import dedup as dedup  # the rule lives with the model (Batch.rows)
+from worker.model import versions_by_key as versions_by_key
 
 REPLACEMENT = "\ufffd"
 # orjson refuses to serialise deeper than this; deeper data is dead-lettered, not guessed at.
@@ -426,40 +428,6 @@ def _dead(raw: Any, reason: str, after_cursor: str | None, text: str | None = No
         collection_id=collection_id,
         upstream_id=upstream_id,
     )
-
-
-def dedup(records: Iterable[Record]) -> list[Record]:
-    """Keep one version per key: the greatest by (upstream_updated_at, stream position).
-
-    ``records`` must be in stream order. The result keeps the first-seen order of keys, which
-    is irrelevant to correctness but makes writes deterministic.
-    """
-    latest: dict[tuple[str, str], Record] = {}
-    for record in records:
-        key = (record.collection_id, record.upstream_id)
-        current = latest.get(key)
-        if current is None or record.upstream_updated_at >= current.upstream_updated_at:
-            latest[key] = record
-    return list(latest.values())
-
-
-def versions_by_key(records: Iterable[Record]) -> list[list[Record]]:
-    """Every version of each key, ordered by :func:`dedup`'s rule: the first of each list is
-    the version ``dedup`` keeps, then the next best, and so on.
-
-    ``records`` must be in stream order. Keys come in first-seen order. Used when Postgres
-    refuses a version: the next one is tried, so the key gets the newest version Postgres
-    accepts however the pages were grouped.
-    """
-    by_key: dict[tuple[str, str], list[Record]] = {}
-    for record in records:
-        by_key.setdefault((record.collection_id, record.upstream_id), []).append(record)
-    # Later in the stream first, then a stable sort by timestamp: on equal timestamps the
-    # later version stays ahead, as in dedup.
-    return [
-        sorted(reversed(versions), key=lambda r: r.upstream_updated_at, reverse=True)
-        for versions in by_key.values()
-    ]
 
 
 def provider_of(collection_id: str) -> str:

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 import structlog
 
-from worker.api import SequinClient
-from worker.config import NOTIFY_CHANNEL, Settings
+from worker.api import SequinClient, client_from_settings
+from worker.config import MAX_RETRIES, NOTIFY_CHANNEL, Settings
 from worker.errors import ConsumerBusy, FailureClass, StoreFailure
+from worker.failures import FailureHandler
 from worker.metrics import Metrics
 from worker.model import ApplyResult, ConsumerConfig
 from worker.pg.connection import DbTimeouts
@@ -24,7 +25,7 @@ from worker.pg.lease import Lease
 from worker.pg.locks import consumer_lock_key
 from worker.pg.store import PgStore
 from worker.pg.viewkeeper import ViewKeeper
-from worker.sync import FailureHandler, LoopState, Mode, SyncLoop, Totals
+from worker.sync import LoopState, Mode, SyncLoop, Totals
 
 log = structlog.get_logger("worker.service")
 
@@ -60,26 +61,17 @@ def make_client_factory(
     settings: Settings,
     stop: threading.Event,
     metrics: Metrics | None = None,
-    max_retries: int | None = 20,
+    max_retries: int | None = MAX_RETRIES,
     on_wait: Callable[[], object] | None = None,
 ) -> Callable[[], SequinClient]:
     """Builds one client per session. ``stop`` (the process's) and the session's own
     :meth:`SequinClient.abort` both end its retry waits; ``on_wait`` is called during them
     (the heartbeat: a documented backoff is a live worker)."""
-    assert settings.api_token is not None
-    token = settings.api_token.get_secret_value()
 
     def factory() -> SequinClient:
-        return SequinClient(
-            settings.base_url,
-            token,
-            filters=settings.filters,
-            page_size=settings.page_size,
-            connect_timeout=settings.connect_timeout,
-            read_timeout=settings.read_timeout,
-            request_timeout=settings.request_timeout,
+        return client_from_settings(
+            settings,
             max_retries=max_retries,
-            allow_insecure_http=settings.allow_insecure_http,
             stop=stop,
             on_request=metrics.observe_request if metrics else None,
             on_retry=metrics.observe_retry if metrics else None,
@@ -97,7 +89,7 @@ def migrate_with_retry(
     on_failure: Callable[[FailureClass, float], None] | None = None,
 ) -> list[int] | None:
     """Apply migrations, handling failures as the sync loop does (one policy:
-    :class:`worker.sync.FailureHandler`). Returns the versions applied, or None if ``stop``
+    :class:`worker.failures.FailureHandler`). Returns the versions applied, or None if ``stop``
     was set while waiting. Raises :class:`worker.sync.DatabaseRefused` (e.g. no privilege
     to create the schema) or :class:`worker.sync.DatabaseUnavailable` (budget spent)."""
     failures = FailureHandler(max_retries, stop, state, on_failure=on_failure)

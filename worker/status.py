@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TextIO
@@ -147,9 +148,18 @@ def _ts(value: datetime | None) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ") if value else "-"
 
 
-def table(header: tuple[str, ...], rows: list[tuple[str, ...]], right: set[int]) -> str:
-    """A plain fixed-width table."""
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+def table(
+    header: tuple[str, ...],
+    rows: Sequence[tuple[str, ...]],
+    right: set[int],
+    footer: tuple[str, ...] | None = None,
+) -> str:
+    """A plain fixed-width table (the one renderer of ``status`` and the demo): columns in
+    ``right`` are right-aligned; ``footer`` (a totals row) comes after a second rule."""
+    widths = [
+        max(len(r[i]) for r in [header, *rows, *([footer] if footer else [])])
+        for i in range(len(header))
+    ]
 
     def fmt(row: tuple[str, ...]) -> str:
         cells = [
@@ -158,7 +168,11 @@ def table(header: tuple[str, ...], rows: list[tuple[str, ...]], right: set[int])
         ]
         return "  ".join(cells).rstrip()
 
-    return "\n".join([fmt(header), "  ".join("-" * w for w in widths), *map(fmt, rows)])
+    rule = "  ".join("-" * w for w in widths)
+    lines = [fmt(header), rule, *map(fmt, rows)]
+    if footer is not None:
+        lines += [rule, fmt(footer)]
+    return "\n".join(lines)
 
 
 def render_status(status: Status) -> str:

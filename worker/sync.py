@@ -1,22 +1,24 @@
 """The sync loop: prefetch pages, group them, apply each group in one transaction.
 
-The loop sees the API and the database only through two small interfaces, :class:`Source`
-and :class:`Sink`, so its rules are tested with in-memory fakes and its integration with the
-real client and store.
+The loop sees the API and the database only through two ports, :class:`worker.ports.Source`
+and :class:`worker.ports.Sink`, and imports nothing but the domain (model, errors, rules,
+paging, failures, config) and its own prefetch thread, so its rules are tested with the
+in-memory fakes of :mod:`worker.testing` and its integration with the real client and store.
 
 Shape of a session (from one committed cursor):
 
-* a prefetch thread fetches and validates pages, starting at the committed cursor; the next
-  request needs only the previous response's cursor, so fetching overlaps writing. A bounded
-  queue keeps memory flat.
+* a prefetch thread (:mod:`worker.prefetch`) fetches and validates pages, starting at the
+  committed cursor; the next request needs only the previous response's cursor, so fetching
+  overlaps writing. A bounded queue keeps memory flat.
 * the applying thread takes the first waiting page and, while behind, the pages already
   waiting behind it (up to ``batch_max_records``), and applies them as one batch whose
   cursor is the last page's. While tailing that is one page per transaction.
 * only an empty page means the stream is caught up (a short page may be followed by more,
   so the next is fetched at once): ``backfill`` ends there; ``run`` waits ``poll_interval``
   (±20% jitter) and polls again.
-* every page is checked against the pagination contract (:class:`Paginator`) before it is
-  queued, so a page that would loop or go back in the stream is never applied.
+* every page is checked against the pagination contract (:class:`worker.paging.Paginator`,
+  the one owner of the fetch cursor) before it is queued, so a page that would loop or go
+  back in the stream is never applied.
 * the loop's heartbeat (:class:`LoopState`) moves only with progress: a page fetched, a
   batch applied, a deliberate wait (polling, an API retry backoff, standing by). A fetch
   that hangs, or a writer stuck in the database, lets it go stale.
@@ -28,7 +30,7 @@ stored cursor is the one they were fetched from; otherwise (someone else moved t
 they are dropped and fetched again from the stored cursor. Nothing is applied twice because
 the cursor moves in the same transaction as the rows. What each failure class gets (retry,
 a halved batch, or a stop) and how many failures are allowed is decided by
-:mod:`worker.failures`, through :class:`FailureHandler`.
+:mod:`worker.failures`, through its :class:`~worker.failures.FailureHandler`.
 """
 
 from __future__ import annotations
@@ -40,160 +42,35 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Literal, Protocol
 
 import structlog
 
-from worker.api import Page
-from worker.errors import (
-    CursorConflict,
-    DatabaseRefused,
-    DatabaseUnavailable,
-    FailureClass,
-    ProtocolViolation,
-    Stopped,
-    StoreFailure,
-)
-from worker.failures import Decision, RetryBudget, what_to_fix
-from worker.failures import backoff_delay as backoff_delay  # its home is worker.failures
+from worker.config import BATCH_MAX_RECORDS, MAX_RETRIES, POLL_INTERVAL, PREFETCH_PAGES
+from worker.errors import CursorConflict, FailureClass, StoreFailure
+from worker.failures import BACKOFF_INITIAL, FailureHandler
 from worker.model import ApplyResult, Batch, ParsedPage
-from worker.records import parse_page
+from worker.paging import Paginator
+from worker.ports import Sink, Source
+from worker.prefetch import Fetched, Prefetcher
+from worker.prefetch import Mode as Mode  # "run" or "backfill"
 
 log = structlog.get_logger("worker.sync")
 
-Mode = Literal["run", "backfill"]
-
-
-class Source(Protocol):
-    """Where pages come from (the API client)."""
-
-    def fetch_page(self, after_cursor: str | None) -> Page: ...
-
-    def abort(self) -> None:
-        """End a fetch in flight (called from another thread); later fetches end at once."""
-
-    def close(self) -> None: ...
-
-
-class Sink(Protocol):
-    """Where batches go (the Postgres store)."""
-
-    def connect(self) -> None: ...
-
-    def open_consumer(self) -> str | None: ...
-
-    def apply(self, batch: Batch) -> ApplyResult: ...
-
-    def close(self) -> None: ...
-
-
-def next_step(page: Page) -> Literal["more", "caught_up"]:
-    """Pure pagination rule: what to do after ``page``.
-
-    The API document says only an empty page means "no more records": after any other page,
-    short ones included, fetch again at once. A non-empty page that hands back the cursor it
-    was asked with would be fetched forever: refused.
-    """
-    if page.records and page.cursor == page.after_cursor:
-        raise ProtocolViolation(
-            f"the API returned {len(page.records)} records but did not advance the cursor"
-        )
-    return "more" if page.records else "caught_up"
-
-
-class Paginator:
-    """Owns the cursor of one session, and checks every page against the pagination
-    contract before the page may be applied. Raises :class:`ProtocolViolation` for:
-
-    * a non-empty page that hands back the cursor it was asked with (:func:`next_step`);
-    * a cycle: a cursor already handed out in this session (among the last ``memory``);
-      following it would apply records again while the stored cursor goes back;
-    * a rewind: a page that starts with a record older than the last record of the
-      previous non-empty page (the stream is ordered by ``upstream_updated_at``): the API
-      went back to an earlier position, and following it would put the table ahead of the
-      stored cursor. Only the page's first record is compared: a single mis-stamped record
-      further on is a bad record, not a change of position (per key, the newer version
-      still wins in the store), and must not stop the stream.
-    """
-
-    def __init__(self, start: str | None, *, memory: int = 1000) -> None:
-        self.cursor = start
-        self._memory = memory
-        self._seen: dict[str, int] = {}  # cursor -> page number, oldest first
-        self._pages = 0
-        self._last: datetime | None = None
-        if start is not None:
-            self._remember(start)
-
-    def advance(self, page: Page, parsed: ParsedPage) -> Literal["more", "caught_up"]:
-        """Check ``page`` (and its parsed records), move the cursor, and say what comes next."""
-        step = next_step(page)
-        if page.cursor != page.after_cursor and page.cursor in self._seen:
-            ago = self._pages - self._seen[page.cursor]
-            raise ProtocolViolation(
-                f"the API handed back a cursor it had already given {ago} page(s) earlier "
-                "in this session: following it would apply records again"
-            )
-        if parsed.records:
-            first = parsed.records[0].upstream_updated_at
-            if self._last is not None and first < self._last:
-                raise ProtocolViolation(
-                    f"the API went back in the stream: a page starting with a record of "
-                    f"{first.isoformat()} came after one ending with {self._last.isoformat()} "
-                    "(records are ordered by upstream_updated_at)"
-                )
-            self._last = parsed.records[-1].upstream_updated_at
-        self._pages += 1
-        self._remember(page.cursor)
-        self.cursor = page.cursor
-        return step
-
-    def _remember(self, cursor: str) -> None:
-        self._seen.pop(cursor, None)
-        self._seen[cursor] = self._pages
-        if len(self._seen) > self._memory:
-            del self._seen[next(iter(self._seen))]
-
-
-def poll_delay(interval: float, rng: random.Random | None = None) -> float:
-    """The wait after a caught-up page: ``interval`` with ±20% jitter, so that many workers
-    polling one account do not fall into step."""
-    r = rng.random() if rng else random.random()
-    return interval * (0.8 + 0.4 * r)
-
 
 @dataclass(slots=True)
-class Fetched:
-    page: ParsedPage
-    caught_up: bool
+class Totals(ApplyResult):
+    """Running counts of one process (the sum of every :class:`ApplyResult`, see
+    :meth:`ApplyResult.add`), for the summary line, logs and metrics, with the clock that
+    gives the rate."""
 
-
-@dataclass
-class Totals:
-    """Running counts of one process, for the summary line, logs and metrics."""
-
-    received: int = 0
-    upserted: int = 0
-    deleted: int = 0
-    skipped: int = 0
-    dead_lettered: int = 0
-    pages: int = 0
     started: float = field(default_factory=time.monotonic)
 
-    def add(self, r: ApplyResult) -> None:
-        self.received += r.received
-        self.upserted += r.upserted
-        self.deleted += r.deleted
-        self.skipped += r.skipped
-        self.dead_lettered += r.dead_lettered
-        self.pages += r.pages
-
     @property
-    def seconds(self) -> float:
+    def elapsed(self) -> float:
         return time.monotonic() - self.started
 
     def rate(self) -> float:
-        return self.received / self.seconds if self.seconds > 0 else 0.0
+        return self.received / self.elapsed if self.elapsed > 0 else 0.0
 
 
 @dataclass
@@ -226,180 +103,6 @@ class LoopState:
             self.status = status
 
 
-class Prefetcher:
-    """Fetches and validates pages ahead of the writer on a daemon thread.
-
-    Items on :attr:`queue` are :class:`Fetched` pages in stream order, or the exception that
-    ended the thread. The queue is bounded by ``depth`` pages. The cursor and the checks of
-    the pagination contract belong to a :class:`Paginator`; ``on_progress`` is called after
-    each page fetched and during poll waits (the heartbeat).
-    """
-
-    def __init__(
-        self,
-        source: Source,
-        start: str | None,
-        *,
-        mode: Mode,
-        poll_interval: float,
-        depth: int,
-        stop: threading.Event,
-        on_progress: Callable[[], object] | None = None,
-    ) -> None:
-        self.queue: queue.Queue[Fetched | BaseException] = queue.Queue(maxsize=depth)
-        self._source = source
-        self._start = start
-        self._on_progress = on_progress
-        self._mode = mode
-        self._poll_interval = poll_interval
-        self._stop = stop
-        self._halt = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="prefetch", daemon=True)
-
-    def start(self) -> Prefetcher:
-        self._thread.start()
-        return self
-
-    def halt(self) -> None:
-        """Stop fetching at once: the request in flight or the retry wait is aborted and the
-        thread exits. Its source is closed by the thread itself, never shared with a later
-        prefetcher."""
-        self._halt.set()
-        self._source.abort()
-
-    def join(self, timeout: float) -> bool:
-        """Wait for the thread to end; True if it has."""
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
-
-    def _beat(self) -> None:
-        if self._on_progress is not None:
-            self._on_progress()
-
-    def _wait(self, seconds: float) -> bool:
-        """A deliberate wait (beating); True if told to stop meanwhile."""
-        end = time.monotonic() + seconds
-        while not self._stopping():
-            self._beat()
-            left = end - time.monotonic()
-            if left <= 0:
-                return False
-            self._halt.wait(min(left, 0.25))
-        return True
-
-    def _stopping(self) -> bool:
-        return self._halt.is_set() or self._stop.is_set()
-
-    def _put(self, item: Fetched | BaseException) -> bool:
-        while not self._stopping():
-            try:
-                self.queue.put(item, timeout=0.2)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _run(self) -> None:
-        paginator = Paginator(self._start)
-        try:
-            while not self._stopping():
-                page = self._source.fetch_page(paginator.cursor)
-                parsed = parse_page(
-                    page.records,
-                    cursor=page.cursor,
-                    after_cursor=page.after_cursor,
-                    raw_texts=page.raw_texts(),
-                )
-                step = paginator.advance(page, parsed)  # before the page can be applied
-                self._beat()
-                if not self._put(Fetched(parsed, caught_up=step == "caught_up")):
-                    return
-                if step == "caught_up":
-                    if self._mode == "backfill":
-                        return
-                    if self._wait(poll_delay(self._poll_interval)):
-                        return
-        except Stopped:
-            # The source was told to stop (the process's stop event may reach it before the
-            # relay sets this session's): the writer sees its own stop; nothing to report.
-            return
-        except BaseException as exc:
-            if not self._stopping():
-                self._put(exc)
-        finally:
-            self._source.close()
-
-
-class FailureHandler:
-    """What happens after a database failure, for the loop and the migration step alike.
-
-    :meth:`failed` classifies (the class comes with the :class:`StoreFailure`), spends the
-    budget (:class:`worker.failures.RetryBudget`), logs ``db_retry``, reports the failure
-    through ``on_failure(class, seconds_failing)``, then waits the backoff (cut short by
-    ``stop``). It raises :class:`DatabaseRefused` for a permanent failure and
-    :class:`DatabaseUnavailable` when the budget is spent. :meth:`recovered` ends the run of
-    failures (after a commit, or when nothing is pending any more).
-    """
-
-    def __init__(
-        self,
-        max_retries: int | None,
-        stop: threading.Event,
-        state: LoopState,
-        *,
-        on_failure: Callable[[FailureClass, float], None] | None = None,
-        backoff: float = 0.5,
-    ) -> None:
-        self.budget = RetryBudget(max_retries, initial=backoff)
-        self._stop = stop
-        self._state = state
-        self._on_failure = on_failure
-
-    def failed(self, exc: StoreFailure, *, pages: int = 0) -> Decision:
-        cls = exc.failure_class
-        decision = self.budget.decide(cls)
-        now = time.monotonic()
-        if self._state.failing_since is None:
-            self._state.failing_since = now
-        self._state.failure_class = cls
-        failing = now - self._state.failing_since
-        if self._on_failure is not None:
-            self._on_failure(cls, failing)
-        if decision.give_up:
-            log.error(
-                "db_gave_up",
-                **{"class": cls},
-                reason=str(exc),
-                sqlstate=exc.sqlstate,
-                attempt=decision.attempt,
-                failing_s=round(failing, 3),
-            )
-            if decision.reason == "permanent":
-                raise DatabaseRefused(f"{exc}; {what_to_fix(exc.sqlstate)}") from None
-            raise DatabaseUnavailable(
-                f"the database kept failing ({decision.attempt} attempts over "
-                f"{failing:.0f} s, last: {cls}): {exc}"
-            ) from None
-        log.warning(
-            "db_retry",
-            **{"class": cls},
-            reason=str(exc),
-            sqlstate=exc.sqlstate,
-            attempt=decision.attempt,
-            wait_s=round(decision.wait, 3),
-            failing_s=round(failing, 3),
-            pages=pages,
-        )
-        self._state.beat("db_retry")
-        self._stop.wait(decision.wait)
-        return decision
-
-    def recovered(self) -> None:
-        self.budget.succeeded()
-        self._state.failing_since = None
-        self._state.failure_class = None
-
-
 class SyncLoop:
     """Drives one consumer: sessions of prefetch → group → apply, until told to stop.
 
@@ -420,17 +123,17 @@ class SyncLoop:
         *,
         mode: Mode,
         stop: threading.Event,
-        poll_interval: float = 1.0,
-        batch_max_records: int = 5000,
-        prefetch_pages: int = 4,
-        max_db_retries: int | None = 20,
+        poll_interval: float = POLL_INTERVAL,
+        batch_max_records: int = BATCH_MAX_RECORDS,
+        prefetch_pages: int = PREFETCH_PAGES,
+        max_db_retries: int | None = MAX_RETRIES,
         on_batch: Callable[[ApplyResult], None] | None = None,
         on_caught_up: Callable[[], None] | None = None,
         on_failure: Callable[[FailureClass, float], None] | None = None,
         state: LoopState | None = None,
         totals: Totals | None = None,
         batch_log_level: str = "info",
-        db_backoff: float = 0.5,
+        db_backoff: float = BACKOFF_INITIAL,
     ) -> None:
         self._source_factory = source_factory
         self._sink = sink
@@ -470,10 +173,11 @@ class SyncLoop:
             self._failed_pages = 0
             try:
                 self._sink.connect()
-                position = self._sink.open_consumer()
-                if not self._resume_held(position):
+                # The committed cursor is the store's; the loop keeps only its last reading.
+                self.state.cursor = self._sink.open_consumer()
+                if not self._resume_held(self.state.cursor):
                     self.failures.recovered()  # nothing pending: the failure is over
-                if self._session(position):
+                if self._session():
                     done = True
                     break
             except CursorConflict as exc:
@@ -562,9 +266,10 @@ class SyncLoop:
         self._held = (failed + self._held + queued)[: len(failed) + self._depth]
         self._failed_pages = len(failed)
 
-    def _session(self, position: str | None) -> bool:
-        """Sync from ``position`` until stopped (False) or, in backfill, caught up (True)."""
-        self.state.cursor = position
+    def _session(self) -> bool:
+        """Sync from the committed cursor (``state.cursor``) until stopped (False) or, in
+        backfill, caught up (True)."""
+        position = self.state.cursor
         self.state.beat()
         start = self._held[-1].page.cursor if self._held else position
         log.info("session_started", cursor=position, mode=self.mode, held=len(self._held))
@@ -573,7 +278,7 @@ class SyncLoop:
             # (a backfill holding the stream's last page has nothing left to fetch)
             prefetch = Prefetcher(
                 self._source_factory(),
-                start,
+                Paginator(start),
                 mode=self.mode,
                 poll_interval=self._poll_interval,
                 depth=self._depth,
@@ -587,7 +292,7 @@ class SyncLoop:
                 if fetched is None:
                     continue
                 try:
-                    position = self._apply(position, [f.page for f in fetched])
+                    self._apply([f.page for f in fetched])
                 except StoreFailure as exc:
                     if prefetch is not None:
                         prefetch.halt()
@@ -599,7 +304,7 @@ class SyncLoop:
                     raise
                 if fetched[-1].caught_up:
                     if not self.state.caught_up:
-                        log.info("caught_up", cursor=position, **self._totals_fields())
+                        log.info("caught_up", cursor=self.state.cursor, **self._totals_fields())
                         if self._on_caught_up is not None:
                             self._on_caught_up()
                     self.state.caught_up = True
@@ -616,11 +321,12 @@ class SyncLoop:
                 if not prefetch.join(timeout=5):
                     log.warning("prefetch_thread_lingering")
 
-    def _apply(self, position: str | None, pages: list[ParsedPage]) -> str | None:
-        batch = Batch(after_cursor=position, pages=pages)
-        if batch.received == 0 and batch.cursor == position:
+    def _apply(self, pages: list[ParsedPage]) -> None:
+        """Apply ``pages`` after the committed cursor; on commit, the cursor is theirs."""
+        batch = Batch(after_cursor=self.state.cursor, pages=pages)
+        if batch.moves_nothing:
             self.failures.recovered()
-            return position  # an empty page handing back our cursor: nothing to commit
+            return
         result = self._sink.apply(batch)
         self.failures.recovered()
         self.totals.add(result)
@@ -644,7 +350,6 @@ class SyncLoop:
         )
         if self._on_batch is not None:
             self._on_batch(result)
-        return batch.cursor
 
     def _totals_fields(self) -> dict[str, int | float]:
         t = self.totals

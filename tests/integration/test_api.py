@@ -148,7 +148,7 @@ def test_dead_letters_keep_the_text_from_the_wire(sim: Simulator) -> None:
     while True:
         page = c.fetch_page(cursor)
         parsed = parse_page(
-            page.records, cursor=page.cursor, after_cursor=cursor, raw_texts=page.raw_texts()
+            page.records, cursor=page.cursor, after_cursor=cursor, raw_texts=page.raw_texts
         )
         if parsed.dead_letters:
             break

@@ -1,4 +1,4 @@
-"""The sync loop driven by in-memory fakes of the API and the store (no sockets, no DB)."""
+"""The sync loop driven by the in-memory fakes of :mod:`worker.testing` (no sockets, no DB)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 
 from tests.helpers import DROP, record
-from worker.api import Page
 from worker.errors import (
     CursorConflict,
     DatabaseRefused,
@@ -21,9 +20,10 @@ from worker.errors import (
     StoreUnavailable,
     TokenRejected,
 )
-from worker.model import ApplyResult, Batch
-from worker.records import dedup
-from worker.sync import SyncLoop, next_step, poll_delay
+from worker.model import ApplyResult, Batch, Page
+from worker.paging import next_step, poll_delay
+from worker.sync import SyncLoop
+from worker.testing import InMemorySink, InMemorySource
 
 
 def rec(i: int, key: str | None = None) -> dict[str, Any]:
@@ -38,61 +38,9 @@ def rec(i: int, key: str | None = None) -> dict[str, Any]:
     )
 
 
-class FakeSource:
-    """A stream of ``n`` records; cursors are stream positions as strings."""
-
-    def __init__(self, records: list[dict[str, Any]], limit: int, log: list[str | None]) -> None:
-        self.records = records
-        self.limit = limit
-        self.log = log
-        self.fail_with: BaseException | None = None
-
-    def fetch_page(self, after_cursor: str | None) -> Page:
-        self.log.append(after_cursor)
-        if self.fail_with is not None:
-            raise self.fail_with
-        start = int(after_cursor) if after_cursor else 0
-        chunk = self.records[start : start + self.limit]
-        cursor = str(start + len(chunk)) if chunk else (after_cursor or "0")
-        return Page(after_cursor=after_cursor, records=chunk, cursor=cursor, limit=self.limit)
-
-    def abort(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-class FakeSink:
-    def __init__(self) -> None:
-        self.cursor: str | None = None
-        self.rows: dict[tuple[str, str], int] = {}
-        self.batches: list[tuple[str | None, str, int]] = []
-        self.fail_next: list[BaseException] = []
-        self.connects = 0
-
-    def connect(self) -> None:
-        self.connects += 1
-
-    def open_consumer(self) -> str | None:
-        return self.cursor
-
-    def apply(self, batch: Batch) -> ApplyResult:
-        if self.fail_next:
-            raise self.fail_next.pop(0)
-        if batch.after_cursor != self.cursor:
-            raise CursorConflict("moved")
-        for r in dedup(r for p in batch.pages for r in p.records):
-            self.rows[r.key] = int(r.upstream_updated_at.microsecond)
-        self.batches.append((batch.after_cursor, batch.cursor, len(batch.pages)))
-        self.cursor = batch.cursor
-        return ApplyResult(received=batch.received, pages=len(batch.pages), cursor=batch.cursor)
-
-    def close(self) -> None:
-        pass
-
-
-def make_loop(source: FakeSource, sink: FakeSink, *, mode: str = "backfill", **kw: Any) -> SyncLoop:
+def make_loop(
+    source: InMemorySource, sink: InMemorySink, *, mode: str = "backfill", **kw: Any
+) -> SyncLoop:
     kw.setdefault("stop", threading.Event())
     return SyncLoop(lambda: source, sink, mode=mode, **kw)  # type: ignore[arg-type]
 
@@ -126,8 +74,8 @@ def test_poll_delay_jitter_is_within_twenty_percent() -> None:
 
 def test_backfill_applies_everything_once_and_stops_when_caught_up() -> None:
     log: list[str | None] = []
-    source = FakeSource([rec(i) for i in range(95)], limit=10, log=log)
-    sink = FakeSink()
+    source = InMemorySource([rec(i) for i in range(95)], limit=10, log=log)
+    sink = InMemorySink()
     assert make_loop(source, sink).run() is True
     assert len(sink.rows) == 95
     assert sink.cursor == "95"
@@ -139,8 +87,8 @@ def test_backfill_applies_everything_once_and_stops_when_caught_up() -> None:
 
 
 def test_group_commit_takes_pages_already_waiting_up_to_the_limit() -> None:
-    source = FakeSource([rec(i) for i in range(100)], limit=10, log=[])
-    sink = FakeSink()
+    source = InMemorySource([rec(i) for i in range(100)], limit=10, log=[])
+    sink = InMemorySink()
     real_apply = sink.apply
 
     def slow_apply(batch: Batch) -> ApplyResult:
@@ -157,8 +105,8 @@ def test_group_commit_takes_pages_already_waiting_up_to_the_limit() -> None:
 
 def test_resume_from_the_committed_cursor() -> None:
     log: list[str | None] = []
-    source = FakeSource([rec(i) for i in range(30)], limit=10, log=log)
-    sink = FakeSink()
+    source = InMemorySource([rec(i) for i in range(30)], limit=10, log=log)
+    sink = InMemorySink()
     sink.cursor = "20"
     make_loop(source, sink).run()
     assert log[0] == "20"
@@ -167,8 +115,8 @@ def test_resume_from_the_committed_cursor() -> None:
 
 def test_lost_database_reconnects_and_resumes_from_what_committed() -> None:
     log: list[str | None] = []
-    source = FakeSource([rec(i) for i in range(50)], limit=10, log=log)
-    sink = FakeSink()
+    source = InMemorySource([rec(i) for i in range(50)], limit=10, log=log)
+    sink = InMemorySink()
     sink.fail_next = [StoreUnavailable("gone")]
     loop = make_loop(source, sink, batch_max_records=10, max_db_retries=3)
     assert loop.run() is True
@@ -181,25 +129,25 @@ def test_lost_database_reconnects_and_resumes_from_what_committed() -> None:
 
 
 def test_cursor_conflict_restarts_from_the_stored_cursor() -> None:
-    source = FakeSource([rec(i) for i in range(20)], limit=10, log=[])
-    sink = FakeSink()
+    source = InMemorySource([rec(i) for i in range(20)], limit=10, log=[])
+    sink = InMemorySink()
     sink.fail_next = [CursorConflict("someone else")]
     assert make_loop(source, sink).run() is True
     assert sink.cursor == "20"
 
 
 def test_api_errors_surface_to_the_caller() -> None:
-    source = FakeSource([rec(0)], limit=10, log=[])
+    source = InMemorySource([rec(0)], limit=10, log=[])
     source.fail_with = TokenRejected(401, "bad token")
     with pytest.raises(TokenRejected):
-        make_loop(source, FakeSink()).run()
+        make_loop(source, InMemorySink()).run()
 
 
 def test_run_mode_polls_after_caught_up_and_stops_on_request() -> None:
     log: list[str | None] = []
     records = [rec(i) for i in range(5)]
-    source = FakeSource(records, limit=10, log=log)
-    sink = FakeSink()
+    source = InMemorySource(records, limit=10, log=log)
+    sink = InMemorySink()
     loop = make_loop(source, sink, mode="run", poll_interval=0.05)
     t = threading.Thread(target=loop.run)
     t.start()
@@ -214,8 +162,8 @@ def test_run_mode_polls_after_caught_up_and_stops_on_request() -> None:
 
 
 def test_empty_page_with_same_cursor_commits_nothing() -> None:
-    source = FakeSource([], limit=10, log=[])
-    sink = FakeSink()
+    source = InMemorySource([], limit=10, log=[])
+    sink = InMemorySink()
     sink.cursor = "0"
     make_loop(source, sink).run()
     assert sink.batches == []
@@ -232,7 +180,7 @@ def failure(cls: str, message: str = "boom", sqlstate: str | None = None) -> Sto
     return StoreFailure(message, failure_class=cls, sqlstate=sqlstate)  # type: ignore[arg-type]
 
 
-class FlakySink(FakeSink):
+class FlakySink(InMemorySink):
     """Raises ``fail(batch)``'s exception (if any) instead of applying; records attempts."""
 
     def __init__(self, fail: Any) -> None:
@@ -252,7 +200,7 @@ def test_a_batch_that_always_fails_spends_the_budget_across_reconnects() -> None
     """Before: every reconnect reset the count, so backfill retried for ever at the first
     backoff step and never exited 6."""
     log: list[str | None] = []
-    source = FakeSource([rec(i) for i in range(30)], limit=10, log=log)
+    source = InMemorySource([rec(i) for i in range(30)], limit=10, log=log)
     for cls in ("connection_lost", "transient", "resource"):
         sink = FlakySink(lambda b, n, cls=cls: failure(cls))
         failures: list[tuple[str, float]] = []
@@ -274,7 +222,7 @@ def test_a_batch_that_always_fails_spends_the_budget_across_reconnects() -> None
 def test_the_backoff_grows_across_reconnects() -> None:
     sink = FlakySink(lambda b, n: failure("connection_lost"))
     stop = RecordedWaits()
-    loop = make_loop(FakeSource([rec(0)], limit=10, log=[]), sink, max_db_retries=4, stop=stop)
+    loop = make_loop(InMemorySource([rec(0)], limit=10, log=[]), sink, max_db_retries=4, stop=stop)
     waits = stop.waits
     with pytest.raises(DatabaseUnavailable):
         loop.run()
@@ -287,7 +235,7 @@ def test_a_permanent_failure_stops_at_once_with_what_to_fix() -> None:
     sink = FlakySink(
         lambda b, n: failure("permanent", "permission denied for table records", "42501")
     )
-    loop = make_loop(FakeSource([rec(0)], limit=10, log=[]), sink, max_db_retries=None)
+    loop = make_loop(InMemorySource([rec(0)], limit=10, log=[]), sink, max_db_retries=None)
     with pytest.raises(DatabaseRefused, match=r"permission denied.*grant"):
         loop.run()
     assert len(sink.attempts) == 1
@@ -295,7 +243,7 @@ def test_a_permanent_failure_stops_at_once_with_what_to_fix() -> None:
 
 def test_held_pages_are_applied_again_and_a_resource_failure_halves_the_batch() -> None:
     log: list[str | None] = []
-    source = FakeSource([rec(i) for i in range(80)], limit=10, log=log)
+    source = InMemorySource([rec(i) for i in range(80)], limit=10, log=log)
 
     def fail(batch: Batch, attempt: int) -> BaseException | None:
         if attempt == 1:
@@ -319,8 +267,8 @@ def test_held_pages_are_applied_again_and_a_resource_failure_halves_the_batch() 
 
 def test_pages_of_a_commit_whose_acknowledgement_was_lost_are_not_applied_twice() -> None:
     log: list[str | None] = []
-    source = FakeSource([rec(i) for i in range(40)], limit=10, log=log)
-    sink = FakeSink()
+    source = InMemorySource([rec(i) for i in range(40)], limit=10, log=log)
+    sink = InMemorySink()
     real_apply = sink.apply
     calls = []
 
@@ -342,7 +290,7 @@ def test_pages_of_a_commit_whose_acknowledgement_was_lost_are_not_applied_twice(
 
 def test_a_commit_ends_the_failure_and_the_budget_starts_again() -> None:
     # Two failures before each commit with a budget of two: never exhausted.
-    source = FakeSource([rec(i) for i in range(30)], limit=10, log=[])
+    source = InMemorySource([rec(i) for i in range(30)], limit=10, log=[])
     sink = FlakySink(lambda b, n: failure("transient") if n % 3 != 0 else None)
     loop = make_loop(source, sink, max_db_retries=2, db_backoff=0.001, batch_max_records=10)
     assert loop.run() is True
@@ -360,7 +308,7 @@ def test_a_failure_while_stopping_is_not_counted() -> None:
 
     sink = FlakySink(fail)
     loop = SyncLoop(
-        lambda: FakeSource([rec(0)], limit=10, log=[]),
+        lambda: InMemorySource([rec(0)], limit=10, log=[]),
         sink,
         mode="run",
         stop=stop,
@@ -371,7 +319,7 @@ def test_a_failure_while_stopping_is_not_counted() -> None:
 
 
 def test_pages_held_through_repeated_failures_stay_bounded() -> None:
-    source = FakeSource([rec(i) for i in range(500)], limit=10, log=[])
+    source = InMemorySource([rec(i) for i in range(500)], limit=10, log=[])
 
     def fail(batch: Batch, attempt: int) -> BaseException | None:
         time.sleep(0.02)  # the prefetcher of each session fetches meanwhile
@@ -389,7 +337,7 @@ def test_pages_held_through_repeated_failures_stay_bounded() -> None:
 # --------------------------------------------------------------------------- never stuck
 
 
-class ShortPages(FakeSource):
+class ShortPages(InMemorySource):
     """Every page holds at most ``limit - 3`` records though more follow (allowed by the API
     document: only an empty page means there is no more)."""
 
@@ -405,7 +353,7 @@ class ShortPages(FakeSource):
 def test_a_short_page_mid_stream_is_not_the_end_of_a_backfill() -> None:
     log: list[str | None] = []
     source = ShortPages([rec(i) for i in range(95)], limit=10, log=log)
-    sink = FakeSink()
+    sink = InMemorySink()
     assert make_loop(source, sink).run() is True
     assert len(sink.rows) == 95 and sink.cursor == "95"
     assert log[-1] == "95"  # ended by the empty page
@@ -414,7 +362,7 @@ def test_a_short_page_mid_stream_is_not_the_end_of_a_backfill() -> None:
 def test_run_polls_again_at_once_after_a_short_page_and_waits_after_an_empty_one() -> None:
     log: list[str | None] = []
     source = ShortPages([rec(i) for i in range(95)], limit=10, log=log)
-    sink = FakeSink()
+    sink = InMemorySink()
     loop = make_loop(source, sink, mode="run", poll_interval=30)
     t = threading.Thread(target=loop.run)
     t.start()
@@ -431,7 +379,7 @@ def test_run_polls_again_at_once_after_a_short_page_and_waits_after_an_empty_one
     assert not t.is_alive()
 
 
-class Replay(FakeSource):
+class Replay(InMemorySource):
     """A well-behaved stream until page ``at``, which comes back with ``page``'s fields."""
 
     def __init__(self, records: list[dict[str, Any]], at: int, bad: dict[str, Any]) -> None:
@@ -458,7 +406,7 @@ class Replay(FakeSource):
 )
 def test_a_page_going_back_stops_the_loop_before_it_is_applied(bad: dict[str, Any]) -> None:
     records = [rec(i) for i in range(60)]
-    sink = FakeSink()
+    sink = InMemorySink()
     sink.cursor = "0"
     if bad["cursor"] is None:
         bad = {"cursor": "0"}
@@ -470,8 +418,8 @@ def test_a_page_going_back_stops_the_loop_before_it_is_applied(bad: dict[str, An
 
 
 def test_a_cursor_outside_the_recent_window_is_followed() -> None:
+    from worker.paging import Paginator
     from worker.records import parse_page
-    from worker.sync import Paginator
 
     p = Paginator(None, memory=2)
     for i, cursor in enumerate(["a", "b", "c", "a"]):
@@ -481,7 +429,7 @@ def test_a_cursor_outside_the_recent_window_is_followed() -> None:
     assert p.cursor == "a"
 
 
-class Hung(FakeSource):
+class Hung(InMemorySource):
     """Fetches block until aborted (a fetch no deadline ended)."""
 
     def __init__(self) -> None:
@@ -499,7 +447,7 @@ class Hung(FakeSource):
 
 def test_a_hung_fetch_lets_the_heartbeat_go_stale_and_halting_ends_it() -> None:
     source = Hung()
-    loop = make_loop(source, FakeSink(), mode="run")
+    loop = make_loop(source, InMemorySink(), mode="run")
     t = threading.Thread(target=loop.run)
     t.start()
     try:
@@ -514,8 +462,8 @@ def test_a_hung_fetch_lets_the_heartbeat_go_stale_and_halting_ends_it() -> None:
 
 
 def test_a_poll_wait_keeps_the_heartbeat_fresh() -> None:
-    source = FakeSource([rec(i) for i in range(5)], limit=10, log=[])
-    loop = make_loop(source, FakeSink(), mode="run", poll_interval=3)
+    source = InMemorySource([rec(i) for i in range(5)], limit=10, log=[])
+    loop = make_loop(source, InMemorySink(), mode="run", poll_interval=3)
     t = threading.Thread(target=loop.run)
     t.start()
     try:
@@ -535,6 +483,6 @@ def test_one_mis_stamped_record_inside_a_page_is_not_a_rewind() -> None:
     further on is a bad record (the store's newer-wins guard handles it), not a rewind."""
     records = [rec(i) for i in range(30)]
     records[15] = rec(1, key="stale-stamp")
-    sink = FakeSink()
-    assert make_loop(FakeSource(records, limit=10, log=[]), sink).run() is True
+    sink = InMemorySink()
+    assert make_loop(InMemorySource(records, limit=10, log=[]), sink).run() is True
     assert sink.cursor == "30" and len(sink.rows) == 30
