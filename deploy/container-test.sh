@@ -295,7 +295,7 @@ done
 show "$DOCKER" run -d --name "$WORKER" --network host "${HARDEN[@]}" \
     -e SEQUIN_API_TOKEN="$TOKEN" -e SEQUIN_BASE_URL="http://127.0.0.1:$SIM_PORT" \
     -e DATABASE_URL="$DSN" -e SEQUIN_HTTP_PORT="$OPS_PORT" -e SEQUIN_LOG_FORMAT=json \
-    -e SEQUIN_HEARTBEAT_TIMEOUT=5 -e SEQUIN_REQUEST_TIMEOUT=4 -e SEQUIN_READ_TIMEOUT=3 -e SEQUIN_CONNECT_TIMEOUT=2 \
+    -e SEQUIN_HEARTBEAT_TIMEOUT=5 -e SEQUIN_REQUEST_TIMEOUT=4 -e SEQUIN_READ_TIMEOUT=3 -e SEQUIN_CONNECT_TIMEOUT=2 -e SEQUIN_DB_TIMEOUT=2 \
     --health-interval 1s --health-timeout 4s --health-retries 2 --health-start-period 60s \
     "$IMAGE" >/dev/null
 

@@ -78,7 +78,14 @@ def _check_api(c: Checks, settings: Settings) -> None:
     except TokenRejected as exc:
         c.fail("API", str(exc), "create or copy the token again in the Sequin console")
     except RequestRejected as exc:
-        c.fail("API", str(exc), "check SEQUIN_SYNC_ID / SEQUIN_PROVIDER / SEQUIN_COLLECTION")
+        # 404 is a path the API does not have (a base URL ending in /v1, say); other 4xx are
+        # about the query: the filters.
+        hint = (
+            f"SEQUIN_BASE_URL is {settings.base_url}: give the API's root, without /v1"
+            if exc.status == 404
+            else "check SEQUIN_SYNC_ID / SEQUIN_PROVIDER / SEQUIN_COLLECTION"
+        )
+        c.fail("API", str(exc), hint)
     except (ApiError, Stopped) as exc:
         c.fail("API", str(exc), f"is {settings.base_url} reachable from here?")
     else:

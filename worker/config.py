@@ -206,6 +206,13 @@ class Settings(BaseSettings):
                 f"SEQUIN_REQUEST_TIMEOUT ({self.request_timeout:g}): one request may take "
                 "that long"
             )
+        if self.heartbeat_timeout <= self.db_timeout:
+            # A batch waiting on a lock waits up to SEQUIN_DB_TIMEOUT before its retry beats;
+            # a shorter heartbeat would flap /healthz between 503 and 200 during one stall.
+            raise ValueError(
+                f"SEQUIN_HEARTBEAT_TIMEOUT ({self.heartbeat_timeout:g}) must be greater than "
+                f"SEQUIN_DB_TIMEOUT ({self.db_timeout:g}): one wait on a lock may take that long"
+            )
         return self
 
     @property

@@ -137,8 +137,9 @@ def test_a_reader_of_a_view_never_stalls_the_service(
         db,
         SEQUIN_AUTO_VIEWS="true",
         SEQUIN_HTTP_PORT=str(port),
-        SEQUIN_HEARTBEAT_TIMEOUT="2",
-        # The heartbeat timeout must exceed one request's whole deadline.
+        SEQUIN_HEARTBEAT_TIMEOUT="3",
+        # The heartbeat timeout must exceed one request's whole deadline and one lock wait.
+        SEQUIN_DB_TIMEOUT="2",
         SEQUIN_REQUEST_TIMEOUT="1.5",
         SEQUIN_READ_TIMEOUT="1",
         SEQUIN_CONNECT_TIMEOUT="1",

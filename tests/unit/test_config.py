@@ -131,13 +131,24 @@ def test_a_token_with_a_control_or_non_ascii_character_is_refused_unquoted(
         ({"SEQUIN_REQUEST_TIMEOUT": "30"}, "SEQUIN_READ_TIMEOUT"),  # read 60 > request 30
         ({"SEQUIN_REQUEST_TIMEOUT": "5", "SEQUIN_READ_TIMEOUT": "5"}, "SEQUIN_CONNECT_TIMEOUT"),
         ({"SEQUIN_HEARTBEAT_TIMEOUT": "60"}, "SEQUIN_HEARTBEAT_TIMEOUT"),  # = request 60
+        (  # a lock wait may outlast the heartbeat: /healthz would flap during one stall
+            {
+                "SEQUIN_HEARTBEAT_TIMEOUT": "8",
+                "SEQUIN_REQUEST_TIMEOUT": "5",
+                "SEQUIN_READ_TIMEOUT": "5",
+                "SEQUIN_CONNECT_TIMEOUT": "2",
+                "SEQUIN_DB_TIMEOUT": "10",
+            },
+            "SEQUIN_HEARTBEAT_TIMEOUT (8) must be greater than SEQUIN_DB_TIMEOUT",
+        ),
         ({"SEQUIN_REQUEST_TIMEOUT": "0"}, "SEQUIN_REQUEST_TIMEOUT"),
     ],
 )
 def test_http_timeouts_must_nest(
     monkeypatch: pytest.MonkeyPatch, env: dict[str, str], named: str
 ) -> None:
-    """Per-read timeouts fit in the request deadline, which fits in the heartbeat timeout."""
+    """Per-read timeouts fit in the request deadline, which fits in the heartbeat timeout, as
+    does one wait on a database lock."""
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     with pytest.raises(ConfigError) as err:
