@@ -9,7 +9,7 @@ import psycopg
 import pytest
 
 from tests.conftest import SCHEMA, fetch_one, fetch_rows
-from tests.helpers import cursor_row, record
+from tests.helpers import cursor_row, record, stored_cursor
 from worker.errors import ConsumerMismatch, CursorConflict, StoreFailure
 from worker.model import Batch, ConsumerConfig
 from worker.pg import sqlfiles
@@ -50,8 +50,18 @@ def make_store(dsn: str, *, mode: str = "soft", name: str = "default", **filters
     return store
 
 
-def apply_pages(store: PgStore, *pages: list[dict[str, Any]]) -> Any:
-    start = store.position
+def stored_position(store: PgStore) -> str | None:
+    """The consumer's cursor as stored (the store keeps none of its own)."""
+    return stored_cursor(store.conn.info.dsn, store.consumer.name)
+
+
+_UNSET: Any = object()
+
+
+def apply_pages(store: PgStore, *pages: list[dict[str, Any]], start: Any = _UNSET) -> Any:
+    """Apply ``pages`` as one batch fetched at ``start`` (default: the stored cursor)."""
+    if start is _UNSET:
+        start = stored_position(store)
     parsed = []
     after = start
     for i, records in enumerate(pages):
@@ -74,7 +84,7 @@ def test_rows_and_cursor_commit_together(db: str) -> None:
     assert result.upserted == 2
     assert data_n(db) == {"a": (1, False), "b": (2, False)}
     cur, applied, pages, dead, newest = cursor_row(db)
-    assert cur == store.position == "c.0"
+    assert cur == stored_position(store) == "c.0"
     assert (applied, pages, dead) == (2, 1, 0)
     assert newest is not None and newest.isoformat().startswith("2024-01-01T00:00:02")
 
@@ -204,7 +214,7 @@ def test_a_second_writer_is_fenced_off(db: str) -> None:
     two = make_store(db)  # both read cursor None
     apply_pages(one, [raw("a", T(1), 1)])
     with pytest.raises(CursorConflict):
-        apply_pages(two, [raw("a", T(1), 99)])
+        apply_pages(two, [raw("a", T(1), 99)], start=None)  # what `two` read at its start
     assert data_n(db) == {"a": (1, False)}
     # After re-reading the position the second one continues from the first one's commit.
     assert two.open_consumer() == "c.0"

@@ -80,7 +80,6 @@ class PgStore:
         self.schema = schema
         self.consumer = consumer
         self._conn: Conn | None = None
-        self._position: str | None = None
         self._q = {
             name: sqlfiles.query(name, schema)
             for name in (
@@ -232,26 +231,17 @@ class PgStore:
                     self._q["set_delete_mode"],
                     {"consumer": c.name, "delete_mode": c.delete_mode},
                 )
-        self._position = cursor
         return cursor  # type: ignore[no-any-return]
-
-    @property
-    def position(self) -> str | None:
-        """The cursor as of this process's last commit (or :meth:`open_consumer`)."""
-        return self._position
 
     # -- apply ----------------------------------------------------------------------------
 
     def apply(self, batch: Batch) -> ApplyResult:
         """Apply ``batch`` and move the cursor to ``batch.cursor``, in one transaction.
 
-        ``batch.after_cursor`` must equal :attr:`position`; the update of the cursor row is the
-        first statement and is conditional on it (a fence against a second writer).
+        The update of the cursor row is the first statement and succeeds only while the stored
+        cursor is ``batch.after_cursor`` (the fence against a second writer, in SQL: the store
+        keeps no cursor of its own); otherwise :class:`CursorConflict` and nothing applied.
         """
-        if batch.after_cursor != self._position:
-            raise CursorConflict(
-                f"batch starts at {batch.after_cursor!r}, this process is at {self._position!r}"
-            )
         started = time.perf_counter()
         rows = batch.rows()
         dead = batch.dead_letters()
@@ -275,7 +265,6 @@ class PgStore:
             log.warning("batch_refused_applying_row_by_row", reason=describe(exc), rows=len(rows))
             result = fresh()
             self._apply(batch, rows, list(dead), result, isolate=True)
-        self._position = batch.cursor
         result.seconds = time.perf_counter() - started
         return result
 
