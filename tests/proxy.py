@@ -24,9 +24,10 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 
 class BlackHoleProxy:
-    """Listens on 127.0.0.1 (a free port) and forwards each connection to ``target``."""
+    """Listens on 127.0.0.1 (a free port) and forwards each connection to ``target``: a
+    (host, port), or the path of a Unix socket (an embedded Postgres listens on one only)."""
 
-    def __init__(self, target: tuple[str, int] = ("127.0.0.1", 5432)) -> None:
+    def __init__(self, target: tuple[str, int] | str = ("127.0.0.1", 5432)) -> None:
         self.target = target
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port: int = self._listener.getsockname()[1]
@@ -86,7 +87,7 @@ class BlackHoleProxy:
             except OSError:
                 return
             try:
-                upstream = socket.create_connection(self.target, timeout=5)
+                upstream = _connect(self.target)
             except OSError:
                 client.close()
                 continue
@@ -120,8 +121,33 @@ class BlackHoleProxy:
                 s.shutdown(socket.SHUT_RDWR)
 
 
+def _connect(target: tuple[str, int] | str) -> socket.socket:
+    if isinstance(target, str):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(5)
+        try:
+            sock.connect(target)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+    return socket.create_connection(target, timeout=5)
+
+
+def server_address(dsn: str) -> tuple[str, int] | str:
+    """Where the server of ``dsn`` listens: (host, port), or its Unix socket's path."""
+    params = conninfo_to_dict(dsn)
+    host = str(params.get("host") or "/var/run/postgresql").split(",")[0]
+    port = int(str(params.get("port") or 5432).split(",")[0])
+    if host.startswith("/"):
+        return f"{host}/.s.PGSQL.{port}"
+    return (host, port)
+
+
 @contextmanager
-def blackhole_proxy(target: tuple[str, int] = ("127.0.0.1", 5432)) -> Iterator[BlackHoleProxy]:
+def blackhole_proxy(
+    target: tuple[str, int] | str = ("127.0.0.1", 5432),
+) -> Iterator[BlackHoleProxy]:
     proxy = BlackHoleProxy(target).start()
     try:
         yield proxy

@@ -31,7 +31,7 @@ from tests.crash.test_crash import (
 )
 from tests.helpers import TOKEN, assert_table_matches, run_cli, wait_for, worker_env
 from tests.integration.test_store import make_store
-from tests.proxy import BlackHoleProxy, blackhole_proxy
+from tests.proxy import BlackHoleProxy, blackhole_proxy, server_address
 from worker.model import ApplyResult, Batch
 from worker.pg.connection import DbTimeouts
 from worker.pg.lease import Lease
@@ -48,8 +48,8 @@ TIMEOUTS = DbTimeouts(wait=T, statement=30)
 
 
 @pytest.fixture
-def proxy() -> Iterator[BlackHoleProxy]:
-    with blackhole_proxy() as p:
+def proxy(pg_server: str) -> Iterator[BlackHoleProxy]:
+    with blackhole_proxy(server_address(pg_server)) as p:
         yield p
 
 
